@@ -1,0 +1,150 @@
+"""Shared driver of the capture scripts: Hydra-style config, seeding, Trainer, CaptureCallback.
+
+A capture script supplies only how its framework builds the model:
+
+    def build(model_cfg, trainer): return SomeLightningModule(cfg=model_cfg, trainer=trainer)
+    raise SystemExit(capture_main(sys.argv[1:], "myfw", build, version="1.0"))
+
+Command line (the one the original NeMo capture tool used):
+
+    python scripts/capture_X.py --config-path config --config-name nest_fast-conformer \
+        model.train_ds.manifest_filepath=... trainer.devices=1 trainer.accelerator=cpu \
+        output_dir=DIR seed=42 save_steps="0,2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nestalign.manifests import check_manifests
+
+OUTPUT_NAMES = ("log_probs", "encoded_len", "masks", "tokens")
+
+
+def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"capture_{framework}.py",
+        description=f"Train {framework}'s NEST model from a Hydra config and capture the steps "
+        "listed in save_steps (0 = first optimizer step) into OUTPUT_DIR/step_N/.",
+        epilog="Overrides are Hydra syntax (key=value, +key=value, ~key). Capture keys: "
+        "output_dir (required), seed, save_steps ('0,2'), threads, deterministic.",
+    )
+    parser.add_argument("--config-path", "-cp", default="config", help="config directory")
+    parser.add_argument("--config-name", "-cn", default="nest_fast-conformer")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=42")
+    return parser.parse_args(argv)
+
+
+def load_config(config_path: str, config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose the config like Hydra's command line does, without Hydra's output directories."""
+    from hydra import compose, initialize_config_dir
+
+    path = Path(config_path)
+    if not path.is_absolute():
+        path = path.resolve()
+    if not (path / f"{config_name}.yaml").is_file():
+        raise SystemExit(f"config not found: {path / (config_name + '.yaml')}")
+    with initialize_config_dir(config_dir=str(path), version_base=None):
+        return compose(config_name=config_name, overrides=[_quote_steps(o) for o in overrides])
+
+
+def _quote_steps(override: str) -> str:
+    """Let `save_steps=0,2` (the shell already ate the quotes) mean a string, not a Hydra sweep."""
+    key, sep, value = override.partition("=")
+    if key == "save_steps" and sep and "," in value and value[:1] not in "'\"[":
+        return f"{key}='{value}'"
+    return override
+
+
+def parse_steps(value: Any) -> list[int]:
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        steps = sorted({int(str(p).strip()) for p in parts if str(p).strip()})
+    except ValueError:
+        raise SystemExit(f"save_steps must be comma-separated integers, got {value!r}") from None
+    if not steps or steps[0] < 0:
+        raise SystemExit(f"save_steps must list steps >= 0, got {value!r}")
+    return steps
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices): NeMo's own script seeds nothing."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_numerics(threads: int, deterministic: bool) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return {"threads": threads, "deterministic": deterministic}
+
+
+def config_sha256(cfg: DictConfig) -> str:
+    text = OmegaConf.to_yaml(cfg.model, resolve=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def trainer_kwargs(cfg: DictConfig, max_step: int, deterministic: bool) -> dict[str, Any]:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(
+        max_steps=max_step + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=deterministic,
+    )
+    return kwargs
+
+
+def capture_main(
+    argv: list[str],
+    framework: str,
+    build_model: Callable[[DictConfig, Any], Any],
+    version: str,
+) -> int:
+    args = parse_args(argv, framework)
+    cfg = load_config(args.config_path, args.config_name, args.overrides)
+    if not cfg.get("output_dir"):
+        raise SystemExit("output_dir=DIR is required")
+    steps = parse_steps(cfg.get("save_steps", "0"))
+    seed = int(cfg.get("seed", 42))
+    deterministic = bool(cfg.get("deterministic", True))
+    numerics = set_numerics(int(cfg.get("threads", 2)), deterministic)
+    check_manifests(cfg.model)
+
+    import lightning.pytorch as pl
+
+    from nestalign.callback import CaptureCallback
+
+    metadata = {
+        "framework": framework,
+        "framework_version": version,
+        "seed": seed,
+        "device": str(cfg.trainer.get("accelerator", "cpu")),
+        "config_sha256": config_sha256(cfg),
+        "overrides": list(args.overrides),
+        **numerics,
+    }
+    callback = CaptureCallback(cfg.output_dir, steps, metadata, OUTPUT_NAMES)
+    seed_everything(seed)
+    kwargs = trainer_kwargs(cfg, steps[-1], deterministic)
+    trainer = pl.Trainer(**kwargs, callbacks=[callback])
+    model = build_model(cfg.model, trainer)
+    trainer.fit(model)
+    for path in callback.written:
+        print(f"captured {path}", file=sys.stderr)
+    return 0
