@@ -75,8 +75,17 @@ def _atomic(path: Path, write) -> None:
 
 
 def save_tensors(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` through a temporary file and a rename.
+
+    torch names the archive inside the file after the file name when given a path; saving into
+    an open file object names it "archive", so identical content gives identical bytes.
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    _atomic(Path(path), write)
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:

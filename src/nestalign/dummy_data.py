@@ -9,6 +9,7 @@ same bytes. Manifest audio paths are relative to the manifest's folder, as NeMo 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ def make_data(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     subtype = SUBTYPES[cfg.get("format", "pcm16")]
     rng = np.random.default_rng(int(cfg["seed"]))
     lines: dict[str, list[str]] = {"train": [], "val": [], "noise": []}
+    for name in lines:  # no stale clips from an earlier, larger config
+        shutil.rmtree(out / name, ignore_errors=True)
     for clips in clip_sets(cfg):
         (out / clips.name).mkdir(parents=True, exist_ok=True)
         make = speech if clips.kind == "speech" else noise

@@ -1,0 +1,37 @@
+# One capture job per (framework, seed, step), each in its framework's own environment.
+# A job trains from scratch up to its step and saves that step only, so steps are independent jobs.
+
+
+for _fw, _spec in FRAMEWORKS.items():
+
+    rule:
+        name:
+            f"capture_{_fw}"
+        input:
+            script=_spec["script"],
+            code=LIBRARY + sources(_spec.get("sources", [])),
+            model_config=MODEL_CONFIG,
+            data=list(MANIFESTS.values()),
+            env=env_ready(_spec["env"]),
+        output:
+            capture_files(_fw),
+        params:
+            python=interpreter(_spec["env"]),
+            overrides=capture_overrides(_fw),
+            run_dir=lambda w, fw=_fw: f"results/capture/{fw}/seed_{w.seed}",
+        log:
+            f"results/logs/capture/{_fw}/seed_{{seed}}/step_{{step}}.log",
+        benchmark:
+            f"results/benchmarks/capture/{_fw}/seed_{{seed}}/step_{{step}}.tsv"
+        wildcard_constraints:
+            seed=r"\d+",
+            step=r"\d+",
+        threads: config["threads"]
+        resources:
+            gpu=1 if config["device"] == "gpu" else 0,
+        conda:
+            f"../envs/{_spec['env']}.yaml"
+        shell:
+            "{params.python} {input.script} --config-path config --config-name nest_fast-conformer"
+            " {params.overrides} output_dir={params.run_dir} seed={wildcards.seed}"
+            " save_steps={wildcards.step} threads={threads} > {log} 2>&1"

@@ -1,0 +1,73 @@
+# Fan-in: one comparison per (seed, step), then the summary table and the report.
+
+
+rule compare:
+    input:
+        ref=capture_files(REFERENCE),
+        cand=capture_files(CANDIDATE),
+        script="scripts/compare.py",
+        code=LIBRARY,
+        name_map=[config["name_map"]] if config.get("name_map") else [],
+        env=env_ready("align"),
+    output:
+        "results/compare/seed_{seed}/step_{step}.pkl",
+    params:
+        python=interpreter("align"),
+        ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
+        cand=lambda w: step_dir(CANDIDATE, w.seed, w.step),
+        tolerance=tolerance_args(),
+        name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
+    log:
+        "results/logs/compare/seed_{seed}/step_{step}.log",
+    benchmark:
+        "results/benchmarks/compare/seed_{seed}/step_{step}.tsv"
+    wildcard_constraints:
+        seed=r"\d+",
+        step=r"\d+",
+    conda:
+        "../envs/align.yaml"
+    shell:
+        "{params.python} {input.script} --ref {params.ref} --cand {params.cand}"
+        " --tolerances {params.tolerance:q} {params.name_map} --out {output} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        comparisons=all_comparisons(),
+        script="scripts/summary.py",
+        code=LIBRARY,
+        env=env_ready("align"),
+    output:
+        tsv=report("results/summary.tsv", category="Summary"),
+        md="results/summary.md",
+    params:
+        python=interpreter("align"),
+    log:
+        "results/logs/summary.log",
+    benchmark:
+        "results/benchmarks/summary.tsv"
+    conda:
+        "../envs/align.yaml"
+    shell:
+        "{params.python} {input.script} --tsv {output.tsv} --md {output.md}"
+        " {input.comparisons} > {log} 2>&1"
+
+
+rule report:
+    input:
+        comparisons=all_comparisons(),
+        script="scripts/report.py",
+        code=LIBRARY,
+        env=env_ready("align"),
+    output:
+        report("results/report.html", category="Report"),
+    params:
+        python=interpreter("align"),
+    log:
+        "results/logs/report.log",
+    benchmark:
+        "results/benchmarks/report.tsv"
+    conda:
+        "../envs/align.yaml"
+    shell:
+        "{params.python} {input.script} --out {output} {input.comparisons} > {log} 2>&1"

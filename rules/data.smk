@@ -1,0 +1,22 @@
+# Deterministic dummy wavs and NeMo-style manifests from config["data"].
+
+
+rule make_data:
+    input:
+        script="scripts/make_data.py",
+        code=["src/nestalign/dummy_data.py"],
+        env=env_ready("align"),
+    output:
+        **MANIFESTS,
+    params:
+        python=interpreter("align"),
+        data=json.dumps(config["data"], sort_keys=True),
+        out=DATA,
+    log:
+        "results/logs/make_data.log",
+    benchmark:
+        "results/benchmarks/make_data.tsv"
+    conda:
+        "../envs/align.yaml"
+    shell:
+        "{params.python} {input.script} --data {params.data:q} --out {params.out} > {log} 2>&1"
