@@ -20,10 +20,10 @@ include: "rules/compare.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_captures(),
         all_comparisons(),
         "results/summary.tsv",
         "results/summary.md",
         "results/report.html",
-    default_target: True

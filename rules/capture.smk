@@ -15,10 +15,6 @@ for _fw, _spec in FRAMEWORKS.items():
             env=env_ready(_spec["env"]),
         output:
             capture_files(_fw),
-        params:
-            python=interpreter(_spec["env"]),
-            overrides=capture_overrides(_fw),
-            run_dir=lambda w, fw=_fw: f"results/capture/{fw}/seed_{w.seed}",
         log:
             f"results/logs/capture/{_fw}/seed_{{seed}}/step_{{step}}.log",
         benchmark:
@@ -26,11 +22,15 @@ for _fw, _spec in FRAMEWORKS.items():
         wildcard_constraints:
             seed=r"\d+",
             step=r"\d+",
+        conda:
+            f"../envs/{_spec['env']}.yaml"
         threads: config["threads"]
         resources:
             gpu=1 if config["device"] == "gpu" else 0,
-        conda:
-            f"../envs/{_spec['env']}.yaml"
+        params:
+            python=interpreter(_spec["env"]),
+            overrides=capture_overrides(_fw),
+            run_dir=lambda w, fw=_fw: f"results/capture/{fw}/seed_{w.seed}",
         shell:
             "{params.python} {input.script} --config-path config --config-name nest_fast-conformer"
             " {params.overrides} output_dir={params.run_dir} seed={wildcards.seed}"

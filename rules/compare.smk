@@ -11,12 +11,6 @@ rule compare:
         env=env_ready("align"),
     output:
         "results/compare/seed_{seed}/step_{step}.pkl",
-    params:
-        python=interpreter("align"),
-        ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
-        cand=lambda w: step_dir(CANDIDATE, w.seed, w.step),
-        tolerance=tolerance_args(),
-        name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     log:
         "results/logs/compare/seed_{seed}/step_{step}.log",
     benchmark:
@@ -26,6 +20,12 @@ rule compare:
         step=r"\d+",
     conda:
         "../envs/align.yaml"
+    params:
+        python=interpreter("align"),
+        ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
+        cand=lambda w: step_dir(CANDIDATE, w.seed, w.step),
+        tolerance=tolerance_args(),
+        name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     shell:
         "{params.python} {input.script} --ref {params.ref} --cand {params.cand}"
         " --tolerances {params.tolerance:q} {params.name_map} --out {output} > {log} 2>&1"
@@ -40,14 +40,14 @@ rule summary:
     output:
         tsv=report("results/summary.tsv", category="Summary"),
         md="results/summary.md",
-    params:
-        python=interpreter("align"),
     log:
         "results/logs/summary.log",
     benchmark:
         "results/benchmarks/summary.tsv"
     conda:
         "../envs/align.yaml"
+    params:
+        python=interpreter("align"),
     shell:
         "{params.python} {input.script} --tsv {output.tsv} --md {output.md}"
         " {input.comparisons} > {log} 2>&1"
@@ -61,13 +61,13 @@ rule report:
         env=env_ready("align"),
     output:
         report("results/report.html", category="Report"),
-    params:
-        python=interpreter("align"),
     log:
         "results/logs/report.log",
     benchmark:
         "results/benchmarks/report.tsv"
     conda:
         "../envs/align.yaml"
+    params:
+        python=interpreter("align"),
     shell:
         "{params.python} {input.script} --out {output} {input.comparisons} > {log} 2>&1"

@@ -8,15 +8,15 @@ rule make_data:
         env=env_ready("align"),
     output:
         **MANIFESTS,
-    params:
-        python=interpreter("align"),
-        data=json.dumps(config["data"], sort_keys=True),
-        out=DATA,
     log:
         "results/logs/make_data.log",
     benchmark:
         "results/benchmarks/make_data.tsv"
     conda:
         "../envs/align.yaml"
+    params:
+        python=interpreter("align"),
+        data=json.dumps(config["data"], sort_keys=True),
+        out=lambda w, output: Path(output.train).parent,
     shell:
         "{params.python} {input.script} --data {params.data:q} --out {params.out} > {log} 2>&1"

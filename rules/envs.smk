@@ -12,20 +12,20 @@ for _env in ENVS:
             script="scripts/build_venv.py",
         output:
             f".venvs/{_env}/.built",
-        params:
-            python=DRIVER_PYTHON,
-            target=f".venvs/{_env}",
         log:
             f"results/logs/venv/{_env}.log",
         benchmark:
             f"results/benchmarks/venv/{_env}.tsv"
         conda:
             f"../envs/{_env}.yaml"
+        params:
+            python=DRIVER_PYTHON,
+            target=lambda w, output: Path(output[0]).parent,
         shell:
             "{params.python} {input.script} {input.spec} {params.target} > {log} 2>&1"
 
 
 rule envs:
+    default_target: False
     input:
         [m for env in ENVS for m in env_ready(env)],
-    default_target: False

@@ -47,7 +47,9 @@ def main() -> int:
     run(pip + [r for r in reqs if r not in first])
     freeze = subprocess.run(
         [str(args.target / "bin" / "python"), "-m", "pip", "freeze"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     digest = hashlib.sha256(args.spec.read_bytes()).hexdigest()
     (args.target / ".built").write_text(f"# {args.spec} sha256 {digest}\n{freeze}")

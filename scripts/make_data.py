@@ -1,7 +1,7 @@
 """Write the deterministic dummy data set: wavs and train/val/noise manifests (NeMo keys).
 
-    python scripts/make_data.py --config config/config.yaml --out results/data
-    python scripts/make_data.py --data '{"seed": 1, ...}' --out results/data
+python scripts/make_data.py --config config/config.yaml --out results/data
+python scripts/make_data.py --data '{"seed": 1, ...}' --out results/data
 """
 
 import argparse

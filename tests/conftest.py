@@ -25,8 +25,9 @@ def run_python(env: str, args: list[str], cwd: Path = ROOT, timeout: int = 1800)
     """Run ``python ARGS`` in a framework env with src/ importable; fail with its output."""
     cmd = [str(env_python(env)), *args]
     envvars = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, cwd=cwd, env=envvars, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=envvars, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

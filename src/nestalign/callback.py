@@ -12,7 +12,8 @@ untouched: no hook is attached while they run.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -87,9 +88,7 @@ class CaptureCallback(pl.Callback):
             writer.json(art.METADATA, meta)
             writer.json(art.STRUCTURE, model_structure(pl_module))
             writer.tensors(art.BATCH, parts["batch"])
-            writer.tensors(
-                art.FORWARD, name_outputs(recorder.root_output(), self.output_names)
-            )
+            writer.tensors(art.FORWARD, name_outputs(recorder.root_output(), self.output_names))
             writer.tensors(art.LOSS, loss)
             writer.tensors(art.GRADS, parts.get("grads", {}))
             writer.tensors(art.WEIGHTS, art.to_plain(pl_module.state_dict()))

@@ -19,7 +19,8 @@ import inspect
 import platform
 import time
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,9 @@ class LayerRecorder:
         for name, module in model.named_modules(remove_duplicate=False):
             if name:
                 self._aliases[id(module)].append(name)
-        self._stack: list[tuple[str, dict[int, int], int]] = []  # running: name, child counts, start
+        self._stack: list[
+            tuple[str, dict[int, int], int]
+        ] = []  # running: name, child counts, start
         self._counts: dict[str, int] = defaultdict(int)
         self._handles: list[Any] = []
         self._finished = 0

@@ -8,8 +8,9 @@ audio file, before any training starts.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import soundfile as sf
 

@@ -1,0 +1,46 @@
+# make run  : set up everything missing, run the workflow on the dummy data, print the summary
+# make test : set up everything missing, run the whole test suite (CI runs exactly this)
+
+PYTHON ?= python3
+DRIVER := .venvs/driver
+SNAKEMAKE := $(DRIVER)/bin/snakemake
+JOBS ?= 2
+
+.PHONY: run test envs driver lint format clean browser
+
+driver: $(DRIVER)/.built
+
+$(DRIVER)/.built: envs/driver.txt
+	rm -rf $(DRIVER)
+	$(PYTHON) -m venv $(DRIVER)
+	$(DRIVER)/bin/pip install --no-input torch==2.13.0
+	$(DRIVER)/bin/pip install --no-input -r envs/driver.txt
+	touch $@
+
+# The framework envs are workflow jobs (rules/envs.smk), so a changed pin rebuilds just that env.
+envs: driver
+	$(SNAKEMAKE) -j$(JOBS) envs
+
+run: envs
+	$(SNAKEMAKE) -j$(JOBS)
+	@cat results/summary.md
+
+# The report test renders the page in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: envs browser
+	$(DRIVER)/bin/python -m pytest
+
+lint: driver
+	$(DRIVER)/bin/ruff check src scripts tests benchmarks
+	$(DRIVER)/bin/ruff format --check src scripts tests benchmarks
+	$(SNAKEMAKE) --lint
+	$(DRIVER)/bin/snakefmt --check Snakefile rules
+
+format: driver
+	$(DRIVER)/bin/ruff format src scripts tests benchmarks
+	$(DRIVER)/bin/snakefmt Snakefile rules
+
+clean:
+	rm -rf results .snakemake
