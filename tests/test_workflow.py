@@ -1,0 +1,138 @@
+"""The whole workflow in a temporary copy: a real run, then what a config change reschedules."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, env_python
+
+pytestmark = pytest.mark.slow
+
+COPY = ["Snakefile", "rules", "scripts", "config", "envs", "src"]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    counts = {}
+    table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    for line in table.splitlines()[3:]:
+        match = re.fullmatch(r"(\S+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        if match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def write_config(path: Path, **changes) -> Path:
+    cfg = {
+        "seeds": [3],
+        "steps": [0, 1],
+        "data": {
+            "seed": 5,
+            "sample_rate": 16000,
+            "train": {"count": 4, "min_duration": 1.0, "max_duration": 2.0},
+            "val": {"count": 2, "min_duration": 1.0, "max_duration": 1.5},
+            "noise": {"count": 2, "min_duration": 2.0, "max_duration": 3.0},
+        },
+        "interpreters": {env: str(env_python(env)) for env in ("nemo", "nest", "align")},
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("workflow")
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, work / name)
+    config = write_config(work / "tiny.yaml")
+    snakemake(work, "-j2", "--configfile", str(config))
+    return work
+
+
+def test_full_run_compares_every_seed_and_step(workdir):
+    for seed, step in [(3, 0), (3, 1)]:
+        assert (workdir / f"results/compare/seed_{seed}/step_{step}.pkl").is_file()
+        for fw in ("nemo", "nest"):
+            step_dir = workdir / f"results/capture/{fw}/seed_{seed}/step_{step}"
+            assert (step_dir / "layer_outputs.pt").is_file()
+    with open(workdir / "results/summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [(r["seed"], r["step"]) for r in rows] == [("3", "0"), ("3", "1")]
+    assert all(r["verdict"] == "PASS" for r in rows), rows
+    html = (workdir / "results/report.html").read_text()
+    assert "<table" in html and "data:image/png;base64," in html
+
+
+def test_no_change_schedules_nothing(workdir):
+    proc = snakemake(workdir, "-n", "--configfile", "tiny.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_adding_a_seed_schedules_only_that_seed(workdir):
+    config = write_config(workdir / "more_seeds.yaml", seeds=[3, 4])
+    counts = job_counts(snakemake(workdir, "-n", "--configfile", str(config)).stdout)
+    assert counts == {
+        "all": 1,
+        "capture_nemo": 2,
+        "capture_nest": 2,
+        "compare": 2,
+        "summary": 1,
+        "report": 1,
+    }
+
+
+def test_adding_a_step_schedules_only_that_step(workdir):
+    config = write_config(workdir / "more_steps.yaml", steps=[0, 1, 2])
+    proc = snakemake(workdir, "-n", "--configfile", str(config))
+    counts = job_counts(proc.stdout)
+    assert counts == {
+        "all": 1,
+        "capture_nemo": 1,
+        "capture_nest": 1,
+        "compare": 1,
+        "summary": 1,
+        "report": 1,
+    }
+    assert "seed_3/step_2" in proc.stdout
+
+
+def test_a_config_typo_is_rejected_with_the_key_named(workdir):
+    config = write_config(workdir / "typo.yaml", steeps=[1])
+    proc = snakemake(workdir, "-n", "--configfile", str(config), check=False)
+    assert proc.returncode != 0
+    assert "steeps" in proc.stdout + proc.stderr
+
+
+def test_an_unknown_framework_is_rejected(workdir):
+    config = write_config(workdir / "bad_fw.yaml", candidate="nemoo")
+    proc = snakemake(workdir, "-n", "--configfile", str(config), check=False)
+    assert proc.returncode != 0
+    assert "candidate 'nemoo' is not one of the frameworks" in proc.stdout + proc.stderr
