@@ -1,0 +1,1 @@
+"""nest: a standalone port of NeMo's NEST speech model (EncDecDenoiseMaskedTokenPredModel)."""
