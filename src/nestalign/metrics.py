@@ -1,0 +1,292 @@
+"""Metrics of one reference/candidate tensor pair, computed in cache-sized chunks.
+
+``compare_tensors(ref, cand, atol, rtol)`` returns a plain dict:
+
+    ok, reason, shape_ref, shape_cand, dtype_ref, dtype_cand, numel,
+    equal_share, max_abs, max_rel, mean_abs, rmse, cosine, allclose_share,
+    max_ulp, mean_ulp, nan_ref, nan_cand, inf_ref, inf_cand, scale, layout
+
+The candidate passes when shapes and dtypes agree and every element satisfies
+``|cand - ref| <= atol + rtol * |ref|`` (the rule of ``torch.testing.assert_close``). NaN at the
+same place on both sides and infinities of the same sign at the same place count as equal.
+Integer and bool tensors must be equal exactly. The relative error divides by
+``max(|ref|, rel_floor * scale)`` where ``scale`` is the largest finite magnitude on either side,
+so values at rounding-noise level relative to the tensor do not make it explode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+
+# (rtol, atol) per dtype, as torch.testing.assert_close picks them when none are given.
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+    torch.complex64: (1.3e-6, 1e-5),
+    torch.complex128: (1e-7, 1e-7),
+}
+REL_FLOOR = 2.0**-10  # elements below this share of the tensor's scale are measured against it
+CHUNK = 1 << 18  # elements per chunk: both sides and the temporaries stay in the CPU cache
+
+# Bits of the exponent field and mantissa width per float dtype (ULP of the reference value).
+_EXPONENT = {
+    torch.float16: (torch.int16, 0x7C00, 10),
+    torch.bfloat16: (torch.int16, 0x7F80, 7),
+    torch.float32: (torch.int32, 0x7F800000, 23),
+    torch.float64: (torch.int64, 0x7FF0000000000000, 52),
+}
+
+
+def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) of assert_close for ``dtype``; zero for exact dtypes."""
+    rtol, atol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
+    return atol, rtol
+
+
+def _empty(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "reason": "",
+        "shape_ref": list(ref.shape),
+        "shape_cand": list(cand.shape),
+        "dtype_ref": str(ref.dtype).removeprefix("torch."),
+        "dtype_cand": str(cand.dtype).removeprefix("torch."),
+        "numel": ref.numel(),
+        "equal_share": 0.0,
+        "max_abs": math.nan,
+        "max_rel": math.nan,
+        "mean_abs": math.nan,
+        "rmse": math.nan,
+        "cosine": math.nan,
+        "allclose_share": 0.0,
+        "max_ulp": None,
+        "mean_ulp": None,
+        "nan_ref": 0,
+        "nan_cand": 0,
+        "inf_ref": 0,
+        "inf_cand": 0,
+        "scale": 0.0,
+        "layout": None,
+    }
+
+
+def _ulp_unit(ref: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """2**exponent of each reference value (smallest normal for zero and subnormals)."""
+    ints, mask, _ = _EXPONENT[ref.dtype]
+    p2 = ref.view(ints).bitwise_and(mask).view(ref.dtype)
+    return p2.to(work).clamp_min_(torch.finfo(ref.dtype).tiny)
+
+
+def _scale(x: torch.Tensor) -> float:
+    """Largest finite magnitude of ``x`` (0 for an empty tensor)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    top = max(-float(lo), float(hi))
+    if math.isfinite(top):
+        return top
+    finite = x[torch.isfinite(x)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def _float_pass(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float) -> dict:
+    """Sums and extremes over cache-sized chunks of two same-shape floating tensors."""
+    a_all = ref.reshape(-1)
+    b_all = cand.reshape(-1)
+    n = a_all.numel()
+    work = torch.float64 if torch.float64 in (ref.dtype, cand.dtype) else torch.float32
+    ulp_ok = ref.dtype == cand.dtype and ref.dtype in _EXPONENT
+    scale = max(_scale(a_all), _scale(b_all))
+    floor = max(REL_FLOOR * scale, torch.finfo(work).tiny)
+    keys = ("neq", "sum_abs", "sum_sq", "aa", "bb", "ab", "within", "sum_ulp", "max_abs")
+    acc: dict[str, Any] = dict.fromkeys(keys, 0.0)
+    acc.update(max_rel=0.0, max_ulp=0.0, nan_ref=0, nan_cand=0, inf_ref=0, inf_cand=0, fin=0)
+    for lo in range(0, n, CHUNK):
+        a0 = a_all[lo : lo + CHUNK]
+        b0 = b_all[lo : lo + CHUNK]
+        a = a0.to(work)
+        b = b0.to(work)
+        ad = torch.sub(a, b).abs_()
+        top = float(ad.max())
+        both = None
+        m = ad.numel()
+        if not math.isfinite(top):  # NaN or Inf somewhere in this chunk: mask those places
+            fin_a, fin_b = torch.isfinite(a), torch.isfinite(b)
+            nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+            acc["nan_ref"] += int(nan_a.sum())
+            acc["nan_cand"] += int(nan_b.sum())
+            acc["inf_ref"] += int((~fin_a & ~nan_a).sum())
+            acc["inf_cand"] += int((~fin_b & ~nan_b).sum())
+            both = fin_a & fin_b
+            same = (nan_a & nan_b) | ((a == b) & ~fin_a)
+            acc["within"] += int(same.sum())
+            acc["neq"] += int((~both & ~same).sum())
+            a = torch.where(both, a, 0.0)
+            b = torch.where(both, b, 0.0)
+            ad = torch.where(both, ad, 0.0)
+            m = int(both.sum())
+            top = float(ad.max())
+        acc["fin"] += m
+        if top == 0.0:
+            acc["within"] += m
+            same_norm = float(torch.dot(a, a))
+            for key in ("aa", "bb", "ab"):
+                acc[key] += same_norm
+            continue
+        acc["max_abs"] = max(acc["max_abs"], top)
+        acc["neq"] += int(ad.sign().sum())
+        acc["sum_abs"] += float(ad.sum())
+        acc["sum_sq"] += float(torch.dot(ad, ad))
+        acc["aa"] += float(torch.dot(a, a))
+        acc["bb"] += float(torch.dot(b, b))
+        acc["ab"] += float(torch.dot(a, b))
+        absa = a.abs()
+        if top <= atol:
+            acc["within"] += m
+        else:
+            excess = torch.sub(ad, absa, alpha=rtol)
+            acc["within"] += m - int(torch.count_nonzero(excess > atol))
+        rel = ad / absa.clamp_min_(floor)
+        acc["max_rel"] = max(acc["max_rel"], float(rel.max()))
+        if ulp_ok:
+            ulp = ad / _ulp_unit(a0, work)
+            if both is not None:
+                ulp = torch.where(both, ulp, 0.0)
+            acc["max_ulp"] = max(acc["max_ulp"], float(ulp.max()))
+            total = float(ulp.sum())
+            acc["sum_ulp"] += total if math.isfinite(total) else float(ulp.sum(dtype=torch.float64))
+    acc.update(n=n, ulp_ok=ulp_ok, scale=scale)
+    if ulp_ok:
+        bits = 2.0 ** _EXPONENT[ref.dtype][2]
+        acc["max_ulp"] *= bits
+        acc["sum_ulp"] *= bits
+    return acc
+
+
+def _layout(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float) -> str | None:
+    """'permute(...)' when cand equals ref with its dims permuted; 'same values' when only the
+    multiset of values agrees; None otherwise."""
+    if ref.numel() != cand.numel() or ref.numel() < 2 or ref.dim() < 2:
+        return None
+    if sorted(ref.shape) != sorted(cand.shape) or ref.dim() > 5:
+        return None
+    for perm in itertools.permutations(range(ref.dim())):
+        if perm == tuple(range(ref.dim())):
+            continue
+        moved = ref.permute(perm)
+        if moved.shape != cand.shape:
+            continue
+        if torch.allclose(moved.to(cand.dtype), cand, atol=atol, rtol=rtol, equal_nan=True):
+            return "permute(" + ", ".join(map(str, perm)) + ")"
+    if ref.shape == cand.shape:
+        return None  # same shape, no permutation explains it: a numeric difference
+    a = ref.reshape(-1).to(torch.float64).sort().values
+    b = cand.reshape(-1).to(torch.float64).sort().values
+    if torch.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True):
+        return "same values, other arrangement"
+    return None
+
+
+def compare_tensors(
+    ref: Any, cand: Any, atol: float | None = None, rtol: float | None = None
+) -> dict[str, Any]:
+    """Metrics of one pair (see the module docstring); non-tensors are compared for equality."""
+    if not isinstance(ref, torch.Tensor) or not isinstance(cand, torch.Tensor):
+        return _compare_plain(ref, cand)
+    if atol is None or rtol is None:
+        datol, drtol = default_tolerance(ref.dtype)
+        atol = datol if atol is None else atol
+        rtol = drtol if rtol is None else rtol
+    out = _empty(ref, cand)
+    out["atol"], out["rtol"] = atol, rtol
+    if ref.is_complex() or cand.is_complex():
+        ref, cand = torch.view_as_real(ref.resolve_conj()), torch.view_as_real(cand.resolve_conj())
+    if ref.shape != cand.shape:
+        out["layout"] = _layout(ref, cand, atol, rtol)
+        out["reason"] = f"shape {list(ref.shape)} vs {list(cand.shape)}"
+        if out["layout"]:
+            out["reason"] += f" (layout: {out['layout']})"
+        return out
+    exact = not (ref.is_floating_point() or cand.is_floating_point())
+    if exact:
+        return _compare_exact(ref, cand, out)
+    acc = _float_pass(ref, cand, atol, rtol)
+    n, fin = acc["n"], acc["fin"]
+    out["scale"] = acc["scale"]
+    out["equal_share"] = 1.0 - acc["neq"] / n if n else 1.0
+    out["max_abs"] = acc["max_abs"]
+    out["max_rel"] = acc["max_rel"]
+    out["mean_abs"] = acc["sum_abs"] / fin if fin else 0.0
+    out["rmse"] = math.sqrt(acc["sum_sq"] / fin) if fin else 0.0
+    norm = math.sqrt(acc["aa"] * acc["bb"])
+    out["cosine"] = (
+        max(-1.0, min(1.0, acc["ab"] / norm))
+        if norm > 0
+        else (1.0 if acc["aa"] == acc["bb"] else 0.0)
+    )
+    out["allclose_share"] = acc["within"] / n if n else 1.0
+    if acc["ulp_ok"]:
+        out["max_ulp"] = acc["max_ulp"]
+        out["mean_ulp"] = acc["sum_ulp"] / fin if fin else 0.0
+    for key in ("nan_ref", "nan_cand", "inf_ref", "inf_cand"):
+        out[key] = acc[key]
+    within = acc["within"] == n
+    dtype_ok = ref.dtype == cand.dtype
+    out["ok"] = within and dtype_ok
+    if not dtype_ok:
+        out["reason"] = f"dtype {out['dtype_ref']} vs {out['dtype_cand']}"
+    elif not within:
+        out["reason"] = f"{n - acc['within']} of {n} elements outside atol={atol:g} rtol={rtol:g}"
+        if ref.dim() >= 2:
+            out["layout"] = _layout(ref, cand, atol, rtol)
+            if out["layout"]:
+                out["reason"] += f" (layout: {out['layout']})"
+    if out["nan_ref"] != out["nan_cand"] or out["inf_ref"] != out["inf_cand"]:
+        out["reason"] += (
+            f"; NaN {out['nan_ref']}/{out['nan_cand']}, Inf {out['inf_ref']}/{out['inf_cand']}"
+        )
+    return out
+
+
+def _compare_exact(ref: torch.Tensor, cand: torch.Tensor, out: dict[str, Any]) -> dict[str, Any]:
+    """Integer and bool tensors: equal exactly, differences reported as integers."""
+    n = ref.numel()
+    same = ref == cand
+    neq = n - int(same.sum())
+    diff = (ref.to(torch.int64) - cand.to(torch.int64)).abs() if n else torch.zeros(0)
+    out.update(
+        equal_share=1.0 - neq / n if n else 1.0,
+        allclose_share=1.0 - neq / n if n else 1.0,
+        max_abs=float(diff.max()) if n else 0.0,
+        mean_abs=float(diff.sum(dtype=torch.float64)) / n if n else 0.0,
+        rmse=math.sqrt(float((diff.to(torch.float64) ** 2).sum()) / n) if n else 0.0,
+        max_rel=0.0 if neq == 0 else math.inf,
+        cosine=1.0 if neq == 0 else math.nan,
+        max_ulp=None,
+        mean_ulp=None,
+        scale=float(ref.abs().max()) if n and ref.dtype != torch.bool else float(n > 0),
+    )
+    dtype_ok = ref.dtype == cand.dtype
+    out["ok"] = neq == 0 and dtype_ok
+    if neq:
+        out["reason"] = f"{neq} of {n} elements differ (exact dtype)"
+        out["layout"] = _layout(ref, cand, 0.0, 0.0) if ref.dim() >= 2 else None
+    elif not dtype_ok:
+        out["reason"] = f"dtype {out['dtype_ref']} vs {out['dtype_cand']}"
+    return out
+
+
+def _compare_plain(ref: Any, cand: Any) -> dict[str, Any]:
+    """A pair where at least one side is not a tensor (None, number, string)."""
+    rt = "tensor" if isinstance(ref, torch.Tensor) else type(ref).__name__
+    ct = "tensor" if isinstance(cand, torch.Tensor) else type(cand).__name__
+    if rt != ct or rt == "tensor":
+        return {"ok": False, "reason": f"type {rt} vs {ct}", "kind": "plain"}
+    same = ref == cand or (isinstance(ref, float) and math.isnan(ref) and math.isnan(cand))
+    return {"ok": bool(same), "reason": "" if same else f"{ref!r} vs {cand!r}", "kind": "plain"}
