@@ -1,0 +1,303 @@
+"""Where two runs start to differ: classify every failing module call, forward and backward.
+
+Forward, over the reference's calls (in start order; ``start``/``end`` give the nesting):
+
+- ``culprit``: every input matches, the output does not (the call's own code differs);
+- ``contains culprit``: like a culprit, but a call inside it is the culprit (or glue, or missing);
+- ``victim``: an input differs because an earlier call's output (or the enclosing call's input)
+  that it was computed from already differs;
+- ``glue``: an input differs although the tensor it came from matched, or, when no single call
+  produced it, although every earlier call matched: the parent's own code between its children
+  changed it;
+- ``missing``: the call has no counterpart in the candidate.
+
+Where an input came from is found by value: a reference input is traced to the latest earlier
+call whose reference output is the same tensor (shape, dtype, sum and sampled values).
+
+Backward, over the calls' ``grad_outputs`` in reverse execution order. A call whose forward output
+already differs is ``forward`` (its gradient differs for that reason). For a call whose forward
+matched but whose gradient differs:
+
+- ``victim`` if a call that consumed its output has a differing gradient and a matching forward;
+- ``culprit`` at the place the difference entered: when a later call's forward differs, the first
+  forward culprit (or glue, or missing call) after it or around it; otherwise the consumer whose
+  own backward turned a matching gradient into a differing one;
+- ``glue`` in the parent when nothing consumed the output and every later gradient matched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CULPRITS = ("culprit", "glue", "missing")
+
+
+def leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(path, value) of every tensor or plain value in a nested structure, depth first."""
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            out += leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for i, v in enumerate(obj):
+            out += leaves(v, f"{prefix}[{i}]")
+        return out
+    return [(prefix, obj)]
+
+
+def call_inputs(call: dict[str, Any]) -> dict[str, Any]:
+    """Inputs of a recorded call by argument name."""
+    names = list(call.get("input_names") or [])
+    values = list(call.get("inputs") or [])
+    names += [f"arg{i}" for i in range(len(names), len(values))]
+    return dict(zip(names, values, strict=False))
+
+
+def fingerprint(t: Any) -> tuple | None:
+    """Identity of a tensor's value, cheap to compare: shape, dtype, sum, sampled elements."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return None
+    flat = t.reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, 16).long()
+    total = flat.sum(dtype=torch.float64) if not t.is_complex() else flat.abs().sum()
+    return (tuple(t.shape), str(t.dtype), float(total), tuple(flat[idx].tolist()))
+
+
+def empty() -> dict[str, Any]:
+    return {"forward": {"first": None, "calls": []}, "backward": {"first": None, "calls": []}}
+
+
+class _Trace:
+    """The reference calls with their nesting and lazily computed fingerprints."""
+
+    def __init__(self, calls: list[dict[str, Any]]):
+        self.calls = calls
+        self.keys = [f"{c['name']}#{c['call']}" for c in calls]
+        n = len(calls)
+        end = [c.get("end", i) if c.get("end", -1) >= 0 else i for i, c in enumerate(calls)]
+        self.end = end
+        self.sub_end = [0] * n  # calls i+1 .. sub_end[i]-1 run inside call i
+        for i in range(n - 1, -1, -1):
+            k = i + 1
+            while k < n and end[k] < end[i]:
+                k = self.sub_end[k]
+            self.sub_end[i] = k
+        self.anc: list[list[int]] = []
+        stack: list[int] = []
+        for i in range(n):
+            while stack and self.sub_end[stack[-1]] <= i:
+                stack.pop()
+            self.anc.append(list(stack))
+            stack.append(i)
+        self._in: dict[int, dict[str, tuple | None]] = {}
+        self._out: dict[int, dict[str, tuple | None]] = {}
+        self._out_index: dict[tuple, list[tuple[int, str]]] | None = None
+        self._in_index: dict[tuple, list[tuple[int, str]]] | None = None
+
+    def inputs(self, i: int) -> dict[str, tuple | None]:
+        if i not in self._in:
+            self._in[i] = {p: fingerprint(v) for p, v in leaves(call_inputs(self.calls[i]), "in")}
+        return self._in[i]
+
+    def outputs(self, i: int) -> dict[str, tuple | None]:
+        if i not in self._out:
+            self._out[i] = {
+                p: fingerprint(v) for p, v in leaves(self.calls[i].get("outputs"), "out")
+            }
+        return self._out[i]
+
+    def out_index(self) -> dict[tuple, list[tuple[int, str]]]:
+        if self._out_index is None:
+            self._out_index = {}
+            for i in range(len(self.calls)):
+                for p, fp in self.outputs(i).items():
+                    if fp is not None:
+                        self._out_index.setdefault(fp, []).append((i, p))
+        return self._out_index
+
+    def in_index(self) -> dict[tuple, list[tuple[int, str]]]:
+        if self._in_index is None:
+            self._in_index = {}
+            for i in range(len(self.calls)):
+                for p, fp in self.inputs(i).items():
+                    if fp is not None:
+                        self._in_index.setdefault(fp, []).append((i, p))
+        return self._in_index
+
+    def inside(self, i: int, j: int) -> bool:
+        """Whether call j runs inside call i."""
+        return i < j < self.sub_end[i]
+
+
+def _location(tr: _Trace, i: int, cls: str) -> dict[str, Any]:
+    call = tr.calls[i]
+    if cls == "glue":
+        parent = call.get("parent")
+        where = f"glue in {parent} before {tr.keys[i]}" if parent else f"glue before {tr.keys[i]}"
+        return {"name": tr.keys[i], "kind": cls, "module": parent or call["name"], "where": where}
+    suffix = " (missing in candidate)" if cls == "missing" else f" ({call.get('type') or '?'})"
+    return {"name": tr.keys[i], "kind": cls, "module": call["name"], "where": tr.keys[i] + suffix}
+
+
+def _forward(tr: _Trace, rows: dict[str, dict]) -> dict[int, str]:
+    n = len(tr.calls)
+    failing = [i for i in range(n) if not rows[tr.keys[i]]["ok"]]
+    cls: dict[int, str] = {}
+    for i in sorted(range(n), key=lambda k: tr.end[k]):  # children before their parent
+        row = rows[tr.keys[i]]
+        if row["status"] == "only_ref":
+            cls[i] = "missing"
+        elif row["ok"]:
+            cls[i] = "match"
+        elif row["in_ok"]:
+            inner = any(cls.get(j) in CULPRITS for j in range(i + 1, tr.sub_end[i]))
+            cls[i] = "contains culprit" if inner else "culprit"
+        else:
+            cls[i] = _victim_or_glue(tr, rows, i, failing)
+    return cls
+
+
+def _leaf_ok(tr: _Trace, rows: dict[str, dict], j: int, side: str, path: str) -> bool:
+    row = rows[tr.keys[j]]
+    if row["status"] == "only_ref":
+        return False
+    return bool(row.get(f"{side}_leaf_ok", {}).get(path, False))
+
+
+def _victim_or_glue(tr: _Trace, rows: dict[str, dict], i: int, failing: list[int]) -> str:
+    row = rows[tr.keys[i]]
+    anc = set(tr.anc[i])
+    bad = [p for p, ok in row.get("in_leaf_ok", {}).items() if not ok]
+    verdicts = []
+    for path in bad:
+        fp = tr.inputs(i).get(path)
+        source = None
+        if fp is not None:
+            for j, p in reversed(tr.out_index().get(fp, [])):
+                if j < i and j not in anc:
+                    source = (j, "out", p)
+                    break
+            if source is None:
+                for a in reversed(tr.anc[i]):
+                    hit = [p for p, f in tr.inputs(a).items() if f == fp]
+                    if hit:
+                        source = (a, "in", hit[0])
+                        break
+        if source is not None:
+            verdicts.append("glue" if _leaf_ok(tr, rows, *source) else "victim")
+        elif not tr.anc[i] and tr.calls[i]["name"] == "<root>":
+            verdicts.append("victim")  # the model's own inputs: the batch differs
+        else:
+            earlier_bad = any(j < i and j not in anc for j in failing)
+            anc_bad = any(not rows[tr.keys[a]]["in_ok"] for a in tr.anc[i])
+            verdicts.append("victim" if earlier_bad or anc_bad else "glue")
+    return "victim" if "victim" in verdicts or not verdicts else "glue"
+
+
+def _backward(
+    tr: _Trace, rows: dict[str, dict], grads: dict[str, dict], fwd: dict[int, str]
+) -> dict[int, tuple[str, int | None]]:
+    n = len(tr.calls)
+    fwd_bad = [j for j in range(n) if not rows[tr.keys[j]]["ok"]]
+    named = [j for j in range(n) if fwd[j] in CULPRITS]
+    grad_bad = [
+        j
+        for j in range(n)
+        if rows[tr.keys[j]]["ok"] and not grads.get(tr.keys[j], {"ok": True})["ok"]
+    ]
+    out: dict[int, tuple[str, int | None]] = {}
+    for i in sorted(range(n), key=lambda k: -tr.end[k]):
+        g = grads.get(tr.keys[i])
+        if g is None:
+            continue
+        if g["status"] == "only_ref":
+            out[i] = ("missing", i)
+            continue
+        if g["ok"]:
+            out[i] = ("match", None)
+            continue
+        if not rows[tr.keys[i]]["ok"]:
+            out[i] = ("forward", None)
+            continue
+        anc = set(tr.anc[i])
+        later = tr.sub_end[i]  # calls from here on ran after call i (or enclose it)
+        victim, diverged, consumers = False, [], []
+        for path, ok in g.get("grad_leaf_ok", {}).items():
+            fp = None if ok else tr.outputs(i).get(path)
+            if fp is None:
+                continue
+            users = [j for j, _ in tr.in_index().get(fp, []) if j >= later]
+            users += [a for a in anc if fp in tr.outputs(a).values()]
+            for j in users:
+                consumers.append(j)
+                if j in fwd_bad or rows[tr.keys[j]]["status"] == "only_ref":
+                    diverged.append(j)
+                elif not grads.get(tr.keys[j], {"ok": True})["ok"]:
+                    victim = True
+        if victim:
+            out[i] = ("victim", None)
+        elif diverged or any(j >= later for j in fwd_bad):
+            after = [j for j in named if j >= later or j in anc]
+            before = [j for j in named if j < i and j not in anc]  # e.g. q when i is v
+            cause = min(after) if after else max(before) if before else None
+            out[i] = ("culprit", cause if cause is not None else min(diverged or fwd_bad))
+        elif consumers:
+            out[i] = ("culprit", min(consumers))
+        elif any(j >= later for j in grad_bad):
+            out[i] = ("victim", None)
+        else:
+            out[i] = ("glue", i)
+    return out
+
+
+def analyse(
+    calls: list[dict[str, Any]], out_rows: list[dict[str, Any]], grad_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Forward and backward classification of the reference's calls (see module docstring)."""
+    result = empty()
+    if not calls:
+        return result
+    tr = _Trace(calls)
+    rows = {r["name"]: r for r in out_rows}
+    grads = {r["name"]: r for r in grad_rows}
+    fwd = _forward(tr, rows)
+    listed = []
+    for i in range(len(calls)):
+        if fwd[i] != "match":
+            listed.append({**_location(tr, i, fwd[i]), "class": fwd[i]})
+    result["forward"]["calls"] = listed
+    first = next((i for i in range(len(calls)) if fwd[i] in CULPRITS), None)
+    result["forward"]["first"] = None if first is None else _location(tr, first, fwd[first])
+    bwd = _backward(tr, rows, grads, fwd)
+    order = sorted(bwd, key=lambda k: -tr.end[k])
+    blisted = []
+    for i in order:
+        cls, at = bwd[i]
+        if cls == "match":
+            continue
+        entry = {"name": tr.keys[i], "class": cls}
+        if cls == "glue":
+            parent = tr.calls[i].get("parent")
+            entry.update(
+                at=tr.keys[i],
+                module=parent or tr.calls[i]["name"],
+                where=f"glue in {parent} after {tr.keys[i]}",
+            )
+        elif at is not None:
+            where = _location(tr, at, fwd[at] if fwd.get(at) in CULPRITS else cls)
+            entry.update(at=where["name"], module=where["module"], where=where["where"])
+        blisted.append(entry)
+    result["backward"]["calls"] = blisted
+    bfirst = next((e for e in blisted if e["class"] in CULPRITS), None)
+    if bfirst is not None:
+        result["backward"]["first"] = {
+            "name": bfirst["name"],
+            "kind": bfirst["class"],
+            "module": bfirst["module"],
+            "where": bfirst["where"] + f" (gradient first differs at {bfirst['name']})",
+        }
+    return result
