@@ -1,0 +1,189 @@
+"""Fan in per-step comparison pickles: one row per (seed, step), drift over steps, TSV and Markdown.
+
+The output depends only on the pickles' content (no time, no paths), so identical inputs give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from nestalign.compare import CATEGORIES, FORMAT
+
+DRIFT_CATEGORIES = ("loss", "grads", "weights")
+
+
+class SummaryError(ValueError):
+    """A comparison pickle that cannot be read."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads builtins only: a comparison pickle never names a class or a function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a plain result")
+
+
+def load_result(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise SummaryError(f"{path}: not a readable comparison pickle ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SummaryError(f"{path}: not a comparison result (format {FORMAT} expected)")
+    return data
+
+
+def collect(paths: list[str | os.PathLike]) -> list[str]:
+    """Pickle files from files and directories (searched recursively), sorted."""
+    out = []
+    for p in map(Path, paths):
+        out += [str(f) for f in sorted(p.rglob("*.pkl"))] if p.is_dir() else [str(p)]
+    return sorted(set(out))
+
+
+def _key(result: dict[str, Any]) -> tuple:
+    seed, step = result.get("seed"), result.get("step")
+    return (
+        seed if isinstance(seed, int) else math.inf,
+        str(seed),
+        step if isinstance(step, int) else math.inf,
+        str(step),
+    )
+
+
+def _worst_rel(result: dict[str, Any], cat: str) -> float | None:
+    c = result["categories"].get(cat) or {}
+    return (c.get("worst") or {}).get("max_rel")
+
+
+def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per result, sorted by (seed, step), with drift against the previous step."""
+    out = []
+    previous: dict[Any, dict[str, Any]] = {}
+    for r in sorted(results, key=_key):
+        cats = r["categories"]
+        row: dict[str, Any] = {
+            "seed": r.get("seed"),
+            "step": r.get("step"),
+            "reference": r.get("reference"),
+            "candidate": r.get("candidate"),
+            "verdict": {"pass": "PASS", "fail": "FAIL"}.get(r["verdict"], "ERROR"),
+            "loss_ref": r["losses"].get("reference"),
+            "loss_cand": r["losses"].get("candidate"),
+        }
+        for cat in CATEGORIES:
+            c = cats.get(cat) or {}
+            row[f"{cat}_matched"] = (
+                "error" if c.get("error") else f"{c.get('matched', 0)}/{c.get('total', 0)}"
+            )
+            if cat != "structure":
+                row[f"{cat}_max_rel"] = _worst_rel(r, cat)
+                row[f"{cat}_max_abs"] = (c.get("worst") or {}).get("max_abs")
+        row["noise"] = sum(len((cats.get(c) or {}).get("noise", [])) for c in CATEGORIES)
+        for direction in ("forward", "backward"):
+            first = r["divergence"][direction]["first"]
+            row[f"first_{direction}"] = first["where"] if first else ""
+        prev = previous.get(row["seed"])
+        for cat in DRIFT_CATEGORIES:
+            row[f"drift_{cat}"] = _growth(prev and prev[f"{cat}_max_rel"], row[f"{cat}_max_rel"])
+        row["errors"] = [f"[{e['category']}] {e['error']}" for e in r.get("errors", [])]
+        previous[row["seed"]] = row
+        out.append(row)
+    return out
+
+
+def _growth(before: float | None, now: float | None) -> float | None:
+    """now / before: how much the worst relative error grew since the previous step."""
+    if before is None or now is None:
+        return None
+    if before == 0:
+        return 1.0 if now == 0 else math.inf
+    return now / before
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value).replace("\t", " ").replace("\n", " ") or "-"
+
+
+def tsv(table: list[dict[str, Any]]) -> str:
+    if not table:
+        return ""
+    cols = [c for c in table[0] if c != "errors"] + ["errors"]
+    lines = ["\t".join(cols)]
+    for row in table:
+        cells = [_fmt(row[c]) for c in cols[:-1]] + ["; ".join(row["errors"]) or "-"]
+        lines.append("\t".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+MD_COLUMNS = (
+    ("seed", "seed"),
+    ("step", "step"),
+    ("verdict", "verdict"),
+    ("loss_ref", "loss ref"),
+    ("loss_cand", "loss cand"),
+    ("forward_max_rel", "fwd rel"),
+    ("grads_max_rel", "grads rel"),
+    ("weights_max_rel", "weights rel"),
+    ("layers_max_rel", "layers rel"),
+    ("structure_matched", "structure"),
+    ("grads_matched", "grads"),
+    ("weights_matched", "weights"),
+    ("layers_matched", "layers"),
+    ("layer_grads_matched", "layer grads"),
+    ("first_forward", "first culprit (forward)"),
+    ("first_backward", "first culprit (backward)"),
+    ("drift", "drift loss/grads/weights"),
+)
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    head = [title for _, title in MD_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        cells = []
+        for key, _ in MD_COLUMNS:
+            if key == "drift":
+                value = "/".join(_fmt(row[f"drift_{c}"]) for c in DRIFT_CATEGORIES)
+            else:
+                value = _fmt(row[key])
+            cells.append(value.replace("|", "\\|") if value else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [(row, e) for row in table for e in row["errors"]]
+    if errors:
+        lines += ["", "Errors:", ""]
+        lines += [f"- seed {row['seed']} step {row['step']}: {e}" for row, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def load_or_error(path: str | os.PathLike) -> dict[str, Any]:
+    """The result in ``path``, or an ERROR stub (seed and step from seed_S/step_N.pkl)."""
+    try:
+        return load_result(path)
+    except SummaryError as exc:
+        p = Path(path)
+        seed = p.parent.name.removeprefix("seed_")
+        step = p.stem.removeprefix("step_")
+        return {
+            "format": FORMAT,
+            "seed": int(seed) if seed.isdigit() else seed,
+            "step": int(step) if step.isdigit() else step,
+            "reference": None,
+            "candidate": None,
+            "verdict": "error",
+            "errors": [{"category": "pickle", "error": str(exc)}],
+            "losses": {"reference": None, "candidate": None},
+            "categories": {},
+            "divergence": {"forward": {"first": None}, "backward": {"first": None}},
+        }
