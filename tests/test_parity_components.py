@@ -142,3 +142,17 @@ def test_full_config_weights_and_eval_forward(tmp_path):
     for r, g in zip(ref["calls"], got["calls"], strict=True):
         assert_same(r["outputs"], g["outputs"], f"{r['name']}#{r['call']} outputs")
     assert_same(ref["outputs"], got["outputs"], "forward outputs and loss")
+
+
+def test_long_audio_rebuilds_positional_table(tmp_path):
+    # 51.3 s = 5136 feature frames > pos_emb_max_len 5000: both rebuild the table at this call
+    runs = dump(tmp_path, ["--seed", "5", "--seconds", "51.3,20.0", "--no-train", *TINY])
+    ref, got = load(runs["nemo"] / "eval.pt"), load(runs["nest"] / "eval.pt")
+    assert got["buffers"]["encoder.pos_enc.pe"].shape == (1, 2 * 5136 - 1, 64)
+    assert_same(ref["buffers"], got["buffers"], "buffers (pe table)")
+    assert [(c["name"], c["call"]) for c in ref["calls"]] == [
+        (c["name"], c["call"]) for c in got["calls"]
+    ]
+    for r, g in zip(ref["calls"], got["calls"], strict=True):
+        assert_same(r["outputs"], g["outputs"], f"{r['name']}#{r['call']} outputs")
+    assert_same(ref["outputs"], got["outputs"], "forward outputs and loss")
