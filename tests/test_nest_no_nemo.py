@@ -65,3 +65,28 @@ def test_nest_env_has_no_nemo_and_trains_a_step(tmp_path, root):
     (tmp_path / "noise.json").write_text(json.dumps({"audio_filepath": "n.wav", "duration": 0.5}))
     proc = run_python("nest", ["-c", TRAIN_ONE_STEP, str(tmp_path)], cwd=root)
     assert proc.stdout.startswith("OK")
+
+
+def test_train_command_line(tmp_path, root):
+    help_text = run_python("nest", ["-m", "nest_ssl.train", "--help"], cwd=root).stdout
+    assert "--config-path" in help_text and "Hydra" in help_text
+    sf.write(tmp_path / "a.wav", np.linspace(-0.5, 0.5, 24000), 16000)
+    (tmp_path / "m.json").write_text(json.dumps({"audio_filepath": "a.wav", "duration": 1.5}))
+    tiny = [
+        "model.encoder.n_layers=1",
+        "model.encoder.d_model=32",
+        "model.encoder.n_heads=2",
+        "model.encoder.subsampling_conv_channels=16",
+        "model.train_ds.batch_size=1",
+        "model.train_ds.num_workers=0",
+        "model.validation_ds.num_workers=0",
+        f"model.train_ds.manifest_filepath={tmp_path / 'm.json'}",
+        f"model.validation_ds.manifest_filepath={tmp_path / 'm.json'}",
+        "trainer.devices=1",
+        "trainer.accelerator=cpu",
+        "trainer.strategy=auto",
+        "trainer.max_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    proc = run_python("nest", ["-m", "nest_ssl.train", *tiny], cwd=root)
+    assert "max_steps=1` reached" in proc.stderr + proc.stdout
