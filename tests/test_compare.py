@@ -210,3 +210,15 @@ def test_scripts_help():
             text=True,
         )
         assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_unexpected_content_is_an_error_naming_the_file(pair, tmp_path):
+    cand = _copy(pair[1], tmp_path / "cand")
+    art.save_tensors(cand / art.LAYERS, [{"outputs": torch.ones(1)}])
+    structure = json.loads((cand / art.STRUCTURE).read_text())
+    structure["entries"] = [3]
+    (cand / art.STRUCTURE).write_text(json.dumps(structure))
+    result = compare_steps(pair[0], cand, TOLS)
+    assert result["verdict"] == "error"
+    errors = {e["category"]: e["error"] for e in result["errors"]}
+    assert art.LAYERS in errors["layers"] and art.STRUCTURE in errors["structure"]

@@ -267,7 +267,8 @@ def _summarise(rows: list[dict[str, Any]], ignored: list[str] | None = None) -> 
         vals = [v for v in vals if not math.isnan(v)]
         worst["min_" + key] = min(vals) if vals else None
     rel = [r for r in compared if isinstance(r.get("max_rel"), (int, float))]
-    worst["item"] = max(rel, key=lambda r: r["max_rel"])["name"] if rel else None
+    top = max(rel, key=lambda r: r["max_rel"]) if rel else None
+    worst["item"] = top["name"] if top and top["max_rel"] > 0 else None
     return {
         "matched": len(matched),
         "total": len(rows),
@@ -598,12 +599,19 @@ def compare_steps(
                 result[key] = meta[key]
     cats = result["categories"]
 
-    def guarded(category: str, fn) -> None:
+    def guarded(category: str, fn, file: str) -> None:
         try:
             fn()
         except art.ArtifactError as exc:
             result["errors"].append({"category": category, "error": str(exc)})
             cats[category] = {**_summarise([]), "error": str(exc)}
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            msg = (
+                f"{ref.path / file} or {cand.path / file}: unexpected content "
+                f"({type(exc).__name__}: {exc})"
+            )
+            result["errors"].append({"category": category, "error": msg})
+            cats[category] = {**_summarise([]), "error": msg}
 
     def structure() -> None:
         cats["structure"] = _structure(ref, cand, nmap)
@@ -619,11 +627,15 @@ def compare_steps(
         r = ref.tensors(art.LAYERS)
         c = cand.tensors(art.LAYERS)
         for calls, src in ((r, ref), (c, cand)):
-            if not isinstance(calls, list):
-                raise art.ArtifactError(f"{src.path / art.LAYERS}: expected a list of calls")
+            if not isinstance(calls, list) or not all(
+                isinstance(x, dict) and "name" in x and "call" in x for x in calls
+            ):
+                raise art.ArtifactError(
+                    f"{src.path / art.LAYERS}: expected a list of module calls with name and call"
+                )
         cats["layers"], cats["layer_grads"], result["divergence"] = _layers(r, c, tols, nmap)
 
-    guarded("structure", structure)
+    guarded("structure", structure, art.STRUCTURE)
     for category, file, mapped in (
         ("batch", art.BATCH, False),
         ("forward", art.FORWARD, False),
@@ -631,8 +643,8 @@ def compare_steps(
         ("grads", art.GRADS, True),
         ("weights", art.WEIGHTS, True),
     ):
-        guarded(category, lambda c=category, f=file, m=mapped: simple(c, f, m))
-    guarded("layers", layers)
+        guarded(category, lambda c=category, f=file, m=mapped: simple(c, f, m), file)
+    guarded("layers", layers, art.LAYERS)
     if "layer_grads" not in cats:
         cats["layer_grads"] = {**_summarise([]), "error": cats["layers"].get("error")}
     if cats["grads"].get("error") is None:

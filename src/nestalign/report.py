@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nestalign import summary  # noqa: E402
 
@@ -70,7 +71,7 @@ def execution_plot(result: dict[str, Any]) -> str:
             ax.axvline(x, color=color, linestyle=":", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("module call (reference execution order)")
-    ax.set_ylabel("max relative error")
+    ax.set_ylabel("max relative error (0 at 1e-16)")
     ax.set_title(f"seed {result.get('seed')} step {result.get('step')}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=8)
     fig.tight_layout()
@@ -99,9 +100,10 @@ def steps_plots(table: list[dict[str, Any]]) -> tuple[str, str]:
     ax1.legend(fontsize=8)
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("worst max relative error")
+    ax2.set_ylabel("worst max relative error (0 at 1e-16)")
     ax2.legend(fontsize=8)
-    for fig in (fig1, fig2):
+    for fig, ax in ((fig1, ax1), (fig2, ax2)):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
     return _png(fig1), _png(fig2)
 
