@@ -8,14 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from nestalign import artifacts as art
+from nestalign.callback import CaptureCallback
 from nestalign.compare import CATEGORIES, ToleranceError, compare_steps, load_tolerances
 from nestalign.namemap import NameMap
 from nestalign.summary import load_result
-from test_divergence_faults import capture
+from nestalign.summary import rows as summary_rows
+from test_divergence_faults import build, capture
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLS = load_tolerances(atol=1e-6, rtol=1e-5)
@@ -74,16 +77,17 @@ def test_extra_call_and_shape_mismatch(pair, tmp_path):
 
     def change(calls):
         calls.append({**calls[-1], "name": "probe", "call": 0})
-        calls[1]["outputs"] = torch.zeros(3)
+        last = next(c for c in calls if c["name"] == "out")  # its output is the model's output
+        last["outputs"] = torch.zeros(3)
         return calls
 
     _edit(cand, art.LAYERS, change)
     result = compare_steps(pair[0], cand, TOLS)
     layers = result["categories"]["layers"]
     assert layers["only_cand"] == ["probe#0"]
-    bad = next(r for r in layers["rows"] if r["name"] == "sub#0")
+    bad = next(r for r in layers["rows"] if r["name"] == "out#0")
     assert bad["status"] == "fail" and "shape" in bad["reason"]
-    assert result["divergence"]["forward"]["first"]["name"] == "sub#0"
+    assert result["divergence"]["forward"]["first"]["name"] == "out#0"
 
 
 @pytest.mark.parametrize(
@@ -222,3 +226,76 @@ def test_unexpected_content_is_an_error_naming_the_file(pair, tmp_path):
     assert result["verdict"] == "error"
     errors = {e["category"]: e["error"] for e in result["errors"]}
     assert art.LAYERS in errors["layers"] and art.STRUCTURE in errors["structure"]
+
+
+class LitEncoder(pl.LightningModule):
+    """The planted-fault model trained by Lightning, captured by CaptureCallback."""
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.model = build(fault, seed=5)
+
+    def forward(self, feats, lengths):
+        return self.model(feats, lengths)
+
+    def training_step(self, batch, batch_idx):
+        logits, mask = self(batch["feats"], batch["lengths"])
+        return torch.nn.functional.cross_entropy(logits[mask], batch["targets"][mask])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(3)
+        data = [
+            {
+                "feats": torch.randn(24, 8, generator=g),
+                "lengths": torch.tensor(24 - 9 * (i % 2)),
+                "targets": torch.randint(0, 11, (12,), generator=g),
+            }
+            for i in range(6)
+        ]
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+
+def lightning_capture(run_dir: Path, fault: str) -> Path:
+    torch.set_num_threads(1)
+    torch.manual_seed(11)
+    cb = CaptureCallback(str(run_dir), [0, 1, 2], metadata={"framework": fault or "ref", "seed": 5})
+    trainer = pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(LitEncoder(fault))
+    return run_dir
+
+
+def test_lightning_captures_over_steps(tmp_path):
+    ref = lightning_capture(tmp_path / "ref", "")
+    same = lightning_capture(tmp_path / "same", "")
+    eps = lightning_capture(tmp_path / "eps", "eps")
+    for step in (0, 1, 2):
+        result = compare_steps(ref / f"step_{step}", same / f"step_{step}", TOLS)
+        assert result["verdict"] == "pass" and result["step"] == step
+        assert result["categories"]["layer_grads"]["total"] > 40
+    results = [compare_steps(ref / f"step_{s}", eps / f"step_{s}", TOLS) for s in (0, 1, 2)]
+    assert all(r["verdict"] == "fail" for r in results)
+    assert results[0]["divergence"]["forward"]["first"]["module"] == "model.blocks.1.norm2"
+    # from step 1 on the weights differ: the first culprit is a call whose weights, as left by
+    # step 0's optimizer step, already differ
+    first = results[1]["divergence"]["forward"]["first"]
+    assert first["kind"] == "culprit"
+    step0 = results[0]["categories"]["weights"]["rows"]
+    differs = [r["name"] for r in step0 if r["status"] in ("fail", "noise")]
+    assert any(name.startswith(first["module"] + ".") for name in differs)
+    # conv2's bias was updated from a noise-level gradient: conv2's output differs by a constant
+    # per channel, which the BatchNorm after it removes
+    classes = {c["name"]: c["class"] for c in results[1]["divergence"]["forward"]["calls"]}
+    assert classes["model.sub.conv2#0"] == "absorbed" and "model.sub.norm#0" not in classes
+    table = summary_rows(results)
+    weights = [row["weights_max_rel"] for row in table]
+    assert weights[0] > 0 and table[1]["drift_weights"] == pytest.approx(weights[1] / weights[0])

@@ -3,6 +3,8 @@
 Forward, over the reference's calls (in start order; ``start``/``end`` give the nesting):
 
 - ``culprit``: every input matches, the output does not (the call's own code differs);
+- ``absorbed``: like a culprit, but every call that consumed the differing output produced a
+  matching one (a conv whose bias differs, followed by BatchNorm): no effect downstream;
 - ``contains culprit``: like a culprit, but a call inside it is the culprit (or glue, or missing);
 - ``victim``: an input differs because an earlier call's output (or the enclosing call's input)
   that it was computed from already differs;
@@ -155,10 +157,30 @@ def _forward(tr: _Trace, rows: dict[str, dict]) -> dict[int, str]:
             cls[i] = "match"
         elif row["in_ok"]:
             inner = any(cls.get(j) in CULPRITS for j in range(i + 1, tr.sub_end[i]))
-            cls[i] = "contains culprit" if inner else "culprit"
+            if inner:
+                cls[i] = "contains culprit"
+            else:
+                cls[i] = "absorbed" if _absorbed(tr, rows, i) else "culprit"
         else:
             cls[i] = _victim_or_glue(tr, rows, i, failing)
     return cls
+
+
+def _absorbed(tr: _Trace, rows: dict[str, dict], i: int) -> bool:
+    """Whether every call that consumed the differing outputs of call i produced a matching
+    output (a BatchNorm after a conv whose bias differs), and none was passed on unchanged."""
+    users: list[int] = []
+    for path, ok in rows[tr.keys[i]].get("out_leaf_ok", {}).items():
+        if ok:
+            continue
+        fp = tr.outputs(i).get(path)
+        if fp is None or any(fp in tr.outputs(a).values() for a in tr.anc[i]):
+            return False
+        found = [j for j, _ in tr.in_index().get(fp, []) if j >= tr.sub_end[i]]
+        if not found:
+            return False
+        users += found
+    return bool(users) and all(rows[tr.keys[j]]["ok"] for j in users)
 
 
 def _leaf_ok(tr: _Trace, rows: dict[str, dict], j: int, side: str, path: str) -> bool:
