@@ -50,7 +50,8 @@ class ConvSubsampling(nn.Module):
         super().__init__()
         if factor < 2 or factor & (factor - 1):
             raise ValueError(f"encoder.subsampling_factor must be a power of 2, got {factor}")
-        self.channels = channels
+        # NeMo runs the convs batch chunk by batch chunk above this many input elements
+        self.split_above = 2**31 / channels * 2 * 2
         self.repeats = int(math.log(factor, 2))
         relu = nn.ReLU(True)
         layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, stride=2, padding=1), relu]
@@ -65,8 +66,7 @@ class ConvSubsampling(nn.Module):
         self.conv = MaskedConvSequential(*layers)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # NeMo splits the batch into chunks when the first conv's output would pass 2**31 elements
-        if torch.numel(x) > 2**31 / self.channels * 2 * 2:
+        if torch.numel(x) > self.split_above:
             x, lengths = self._conv_in_chunks(x, lengths)
         else:
             x, lengths = self.conv(x, lengths)
@@ -74,8 +74,7 @@ class ConvSubsampling(nn.Module):
         return self.out(x.transpose(1, 2).reshape(b, t, -1)), lengths
 
     def _conv_in_chunks(self, x: torch.Tensor, lengths: torch.Tensor):
-        ceiling = 2**31 / self.channels * 2 * 2
-        size = x.size(0) // 2 ** math.ceil(math.log(torch.numel(x) / ceiling, 2))
+        size = x.size(0) // 2 ** math.ceil(math.log(torch.numel(x) / self.split_above, 2))
         if size == 0:
             raise ValueError(f"subsampling input {tuple(x.shape)} is too large to split by batch")
         parts = [
