@@ -5,8 +5,9 @@ python benchmarks/bench_compare.py --size tiny full [--threads 1] [--dir DIR]
 For each size it writes a reference step directory with a FastConformer-like state_dict
 (tiny: 2 layers, d_model 64, ~0.9 M parameters; full: 17 layers, d_model 512, ~113 M), its
 gradients, a batch, a forward output and module calls with inputs, outputs and output gradients,
-then two candidates: one with every float element perturbed (all metrics do their full work) and
-one identical. Each comparison runs in a fresh process; it prints the throughput (GB/s of tensor
+then three candidates: every float element perturbed by 1e-6 relative (within tolerance: all
+metrics do their full work), by 1e-3 (everything fails: the divergence walk runs too), and an
+identical one. Each comparison runs in a fresh process; it prints the throughput (GB/s of tensor
 file bytes, both sides counted, warm page cache), the peak RSS of that process, and the peak RSS
 over the process's RSS after its imports, against the largest single artifact file.
 """
@@ -151,7 +152,7 @@ def write_step(run: Path, params, layer_calls, batch, forward, perturb: float) -
     return w.commit()
 
 
-def build(size: str, root: Path) -> tuple[Path, Path, Path]:
+def build(size: str, root: Path) -> tuple[Path, ...]:
     cfg = SIZES[size]
     params = state_dict(cfg["layers"], cfg["d"], cfg["sub"])
     layer_calls = calls(cfg["layers"], cfg["d"], cfg["frames"])
@@ -168,7 +169,7 @@ def build(size: str, root: Path) -> tuple[Path, Path, Path]:
     print(f"{size}: {n / 1e6:.1f} M parameters, {len(layer_calls)} module calls", flush=True)
     return tuple(
         write_step(root / f"{size}_{kind}", params, layer_calls, batch, forward, eps)
-        for kind, eps in (("ref", 0.0), ("diff", 1e-6), ("same", 0.0))
+        for kind, eps in (("ref", 0.0), ("diff", 1e-6), ("fail", 1e-3), ("same", 0.0))
     )
 
 
@@ -206,8 +207,12 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for size in args.size:
-            ref, diff, same = build(size, Path(tmp))
-            for label, cand in (("every element differs", diff), ("identical", same)):
+            ref, diff, fail, same = build(size, Path(tmp))
+            for label, cand in (
+                ("every element differs, within tolerance", diff),
+                ("every element differs, all fail", fail),
+                ("identical", same),
+            ):
                 files = [d / f for d in (ref, cand) for f in art.TENSOR_FILES]
                 total = sum(f.stat().st_size for f in files)
                 largest = max(f.stat().st_size for f in files)
