@@ -104,9 +104,10 @@ def _float_pass(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float)
     ulp_ok = ref.dtype == cand.dtype and ref.dtype in _EXPONENT
     scale = max(_scale(a_all), _scale(b_all))
     floor = max(REL_FLOOR * scale, torch.finfo(work).tiny)
-    keys = ("neq", "sum_abs", "sum_sq", "aa", "bb", "ab", "within", "sum_ulp", "max_abs")
+    keys = ("sum_abs", "sum_sq", "aa", "bb", "ab", "sum_ulp", "max_abs", "max_rel", "max_ulp")
     acc: dict[str, Any] = dict.fromkeys(keys, 0.0)
-    acc.update(max_rel=0.0, max_ulp=0.0, nan_ref=0, nan_cand=0, inf_ref=0, inf_cand=0, fin=0)
+    acc.update(dict.fromkeys(("neq", "within", "nan_ref", "nan_cand", "inf_ref", "inf_cand"), 0))
+    acc["fin"] = 0
     for lo in range(0, n, CHUNK):
         a0 = a_all[lo : lo + CHUNK]
         b0 = b_all[lo : lo + CHUNK]
