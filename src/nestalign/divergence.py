@@ -224,13 +224,17 @@ def _backward(
     tr: _Trace, rows: dict[str, dict], grads: dict[str, dict], fwd: dict[int, str]
 ) -> dict[int, tuple[str, int | None]]:
     n = len(tr.calls)
-    fwd_bad = [j for j in range(n) if not rows[tr.keys[j]]["ok"]]
+    fwd_bad = {j for j in range(n) if not rows[tr.keys[j]]["ok"]}
+    last_fwd_bad = max(fwd_bad, default=-1)
     named = [j for j in range(n) if fwd[j] in CULPRITS]
-    grad_bad = [
-        j
-        for j in range(n)
-        if rows[tr.keys[j]]["ok"] and not grads.get(tr.keys[j], {"ok": True})["ok"]
-    ]
+    last_grad_bad = max(
+        (
+            j
+            for j in range(n)
+            if rows[tr.keys[j]]["ok"] and not grads.get(tr.keys[j], {"ok": True})["ok"]
+        ),
+        default=-1,
+    )
     out: dict[int, tuple[str, int | None]] = {}
     for i in sorted(range(n), key=lambda k: -tr.end[k]):
         g = grads.get(tr.keys[i])
@@ -262,14 +266,14 @@ def _backward(
                     victim = True
         if victim:
             out[i] = ("victim", None)
-        elif diverged or any(j >= later for j in fwd_bad):
+        elif diverged or last_fwd_bad >= later:
             after = [j for j in named if j >= later or j in anc]
             before = [j for j in named if j < i and j not in anc]  # e.g. q when i is v
             cause = min(after) if after else max(before) if before else None
             out[i] = ("culprit", cause if cause is not None else min(diverged or fwd_bad))
         elif consumers:
             out[i] = ("culprit", min(consumers))
-        elif any(j >= later for j in grad_bad):
+        elif last_grad_bad >= later:
             out[i] = ("victim", None)
         else:
             out[i] = ("glue", i)
