@@ -38,15 +38,38 @@ class Attention(nn.Module):
         return self.o((p @ v).transpose(1, 2).reshape(b, t, D))
 
 
+class _ScaledBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class GradGate(nn.Module):
+    """Identity forward; a faulty copy scales the gradient on the way back."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ScaledBackward.apply(x, self.scale)
+
+
 class FeedForward(nn.Module):
     def __init__(self, fault: str):
         super().__init__()
         self.lin1, self.act = nn.Linear(D, 2 * D), nn.SiLU()
+        self.gate = GradGate(1.5 if fault == "bad_backward" else 1.0)
         self.drop, self.lin2 = nn.Dropout(0.1), nn.Linear(2 * D, D)
         self.skip_dropout = fault == "missing_dropout"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.lin1(x))
+        h = self.gate(self.act(self.lin1(x)))
         return self.lin2(h if self.skip_dropout else self.drop(h))
 
 
@@ -174,6 +197,17 @@ def test_first_culprit_is_the_planted_fault(reference, tmp_path, fault):
     assert first is not None and (first["kind"], first["module"]) == (kind, module), first
     back = result["divergence"]["backward"]["first"]
     assert back is not None and back["module"] == module, back
+
+
+def test_backward_only_fault(reference, tmp_path):
+    """Forward identical, one module's backward scales its gradient: the backward walk names it."""
+    result = compare_steps(reference, capture(tmp_path, "bad_backward"), load_tolerances(**TOLS))
+    assert result["verdict"] == "fail"
+    assert result["divergence"]["forward"]["first"] is None
+    assert result["categories"]["layers"]["failed"] == 0
+    back = result["divergence"]["backward"]["first"]
+    assert (back["kind"], back["module"]) == ("culprit", "blocks.1.ff.gate"), back
+    assert back["name"] == "blocks.1.ff.act#0"  # the first gradient that differs
 
 
 def test_parent_of_culprit_contains_it(reference, tmp_path):
