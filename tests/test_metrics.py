@@ -119,3 +119,10 @@ def test_zero_tensors_and_plain_values():
     assert not compare_tensors(None, torch.zeros(1))["ok"]
     assert not compare_tensors(3, 4)["ok"]
     assert compare_tensors(torch.zeros(0), torch.zeros(0))["ok"]
+
+
+def test_huge_values_keep_a_finite_cosine():
+    ref = torch.tensor([3e20, -1e20, 2e20])
+    m = compare_tensors(ref, ref * 1.5, atol=0.0, rtol=0.0)
+    assert m["cosine"] == pytest.approx(1.0) and math.isfinite(m["rmse"])
+    assert m["rmse"] == pytest.approx(float((ref.double() * 0.5).pow(2).mean().sqrt()), rel=1e-6)

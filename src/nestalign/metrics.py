@@ -164,6 +164,14 @@ def _float_pass(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float)
             acc["max_ulp"] = max(acc["max_ulp"], float(ulp.max()))
             total = float(ulp.sum())
             acc["sum_ulp"] += total if math.isfinite(total) else float(ulp.sum(dtype=torch.float64))
+    if not all(math.isfinite(acc[k]) for k in ("aa", "bb", "ab", "sum_sq")) and acc["fin"]:
+        # float32 dot products overflowed (values beyond ~1e19): redo the norms on scaled values
+        keep = torch.isfinite(a_all) & torch.isfinite(b_all)
+        a64 = a_all[keep].double() / scale
+        b64 = b_all[keep].double() / scale
+        acc["aa"], acc["bb"] = float(a64 @ a64), float(b64 @ b64)
+        acc["ab"] = float(a64 @ b64)
+        acc["sum_sq"] = float(((a64 - b64) ** 2).sum()) * scale * scale
     acc.update(n=n, ulp_ok=ulp_ok, scale=scale)
     if ulp_ok:
         bits = 2.0 ** _EXPONENT[ref.dtype][2]
