@@ -94,9 +94,10 @@ def capture_overrides(framework):
     return " ".join(shlex.quote(item) for item in items)
 
 
-def tolerance_args():
+def tolerance_option():
+    """config["tolerance"] as an inline mapping for scripts/compare.py, or nothing."""
     tol = config.get("tolerance") or {}
-    return json.dumps(tol, sort_keys=True) if tol else ""
+    return f"--tolerances {shlex.quote(json.dumps(tol, sort_keys=True))}" if tol else ""
 
 
 ENVS = sorted({spec["env"] for spec in FRAMEWORKS.values()} | {"align"})

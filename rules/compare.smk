@@ -24,11 +24,11 @@ rule compare:
         python=interpreter("align"),
         ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
         cand=lambda w: step_dir(CANDIDATE, w.seed, w.step),
-        tolerance=tolerance_args(),
+        tolerance=tolerance_option(),
         name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     shell:
         "{params.python} {input.script} --ref {params.ref} --cand {params.cand}"
-        " --tolerances {params.tolerance:q} {params.name_map} --out {output} > {log} 2>&1"
+        " {params.tolerance} {params.name_map} --out {output} > {log} 2>&1"
 
 
 rule summary:

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cand", required=True, help="candidate step directory (step_N)")
     parser.add_argument("--atol", type=float, default=None, help="absolute tolerance")
     parser.add_argument("--rtol", type=float, default=None, help="relative tolerance")
-    parser.add_argument("--tolerances", help="YAML: atol, rtol, noise_factor, categories")
+    parser.add_argument(
+        "--tolerances",
+        help="YAML file or inline mapping: atol, rtol, noise_factor, categories",
+    )
     parser.add_argument("--name-map", help="YAML: candidate -> reference name rules")
     parser.add_argument("--out", required=True, help="result pickle to write")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -74,13 +74,16 @@ def load_tolerances(
 ) -> dict[str, Any]:
     """Tolerances as a plain dict: {atol, rtol, noise_factor, categories: {cat: {atol, rtol}}}.
 
+    ``path`` is a YAML file, or the mapping itself inline (``'{atol: 0, rtol: 0}'``).
+
     None means "per dtype, as torch.testing.assert_close". The command line's atol/rtol are the
     global values; a category in the file overrides them for that category.
     """
     data: dict[str, Any] = {}
     if path is not None:
+        inline = str(path).lstrip().startswith("{")  # a mapping given on the command line
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(str(path) if inline else Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ToleranceError(f"{path}: cannot read tolerances ({exc})") from exc
         unknown = set(data) - {"atol", "rtol", "noise_factor", "categories"}
