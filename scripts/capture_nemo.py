@@ -8,24 +8,20 @@ Runs in the nemo env. Writes DIR/step_N/ for each saved step (see docs/artifacts
 """
 
 import sys
+from importlib.metadata import version as dist_version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# Imported before capture_main seeds the generators: importing NeMo draws from python's random.
+from nemo.collections.asr.models.ssl_models import EncDecDenoiseMaskedTokenPredModel  # noqa: E402
 
 from nestalign.runner import capture_main  # noqa: E402
 
 
 def build(model_cfg, trainer):
-    from nemo.collections.asr.models.ssl_models import EncDecDenoiseMaskedTokenPredModel
-
     return EncDecDenoiseMaskedTokenPredModel(cfg=model_cfg, trainer=trainer)
 
 
-def version() -> str:
-    from importlib.metadata import version as dist_version
-
-    return dist_version("nemo_toolkit")
-
-
 if __name__ == "__main__":
-    raise SystemExit(capture_main(sys.argv[1:], "nemo", build, version()))
+    raise SystemExit(capture_main(sys.argv[1:], "nemo", build, dist_version("nemo_toolkit")))
