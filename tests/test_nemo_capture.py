@@ -76,6 +76,6 @@ def test_another_seed_differs(captures):
 
 def test_compare_agrees(captures, tmp_path):
     same = compare(tmp_path, art.step_dir(captures["a"], 1), art.step_dir(captures["b"], 1))
-    assert same["verdict"] == "PASS"
+    assert same["verdict"] == "pass"
     other = compare(tmp_path, art.step_dir(captures["a"], 1), art.step_dir(captures["c"], 1))
-    assert other["verdict"] == "FAIL"
+    assert other["verdict"] == "fail"
