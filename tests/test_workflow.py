@@ -136,3 +136,29 @@ def test_an_unknown_framework_is_rejected(workdir):
     proc = snakemake(workdir, "-n", "--configfile", str(config), check=False)
     assert proc.returncode != 0
     assert "candidate 'nemoo' is not one of the frameworks" in proc.stdout + proc.stderr
+
+
+def test_a_planted_fault_is_named_as_the_first_culprit(workdir, tmp_path):
+    """A nest capture with one module's output scaled by 1.001, against the real NeMo capture."""
+    work = tmp_path / "fault"
+    shutil.copytree(workdir, work, symlinks=True)  # keeps the NeMo captures up to date
+    faulty = "encoder.layers.1.feed_forward2.linear1"
+    frameworks = {
+        "nest_fault": {
+            "script": "scripts/capture_nest.py",
+            "env": "nest",
+            "sources": ["src/nest_ssl"],
+            "overrides": [f"fault={faulty}*1.001"],
+        }
+    }
+    config = write_config(
+        work / "fault.yaml", steps=[0], candidate="nest_fault", frameworks=frameworks
+    )
+    proc = snakemake(work, "-j2", "--configfile", str(config))
+    assert "capture_nemo" not in proc.stdout + proc.stderr  # the reference is reused
+    with open(work / "results/summary.tsv") as fh:
+        (row,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert row["verdict"] == "FAIL"
+    assert row["first_forward"].startswith(faulty), row["first_forward"]
+    assert faulty in row["first_backward"], row["first_backward"]
+    assert faulty in (work / "results/summary.md").read_text()

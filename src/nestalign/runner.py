@@ -38,7 +38,8 @@ def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
         description=f"Train {framework}'s NEST model from a Hydra config and capture the steps "
         "listed in save_steps (0 = first optimizer step) into OUTPUT_DIR/step_N/.",
         epilog="Overrides are Hydra syntax (key=value, +key=value, ~key). Capture keys: "
-        "output_dir (required), seed, save_steps ('0,2'), threads, deterministic.",
+        "output_dir (required), seed, save_steps ('0,2'), threads, deterministic, "
+        "fault (MODULE_PATH*FACTOR: scale that module's output, a planted fault).",
     )
     parser.add_argument("--config-path", "-cp", default="config", help="config directory")
     parser.add_argument("--config-name", "-cn", default="nest_fast-conformer")
@@ -99,6 +100,33 @@ def config_sha256(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def plant_fault(model: torch.nn.Module, spec: str) -> str:
+    """Multiply one module's output by a factor: `encoder.layers.1.feed_forward2*1.001`.
+
+    A known fault in a real capture shows whether the compare finds it, and names the place
+    it must name. The factor is applied by a forward hook to the first tensor of the output.
+    """
+    path, sep, factor = spec.rpartition("*")
+    try:
+        if not sep:
+            raise ValueError("no factor")
+        module = model.get_submodule(path)
+        scale = float(factor)
+    except (AttributeError, ValueError):
+        raise SystemExit(
+            f"fault={spec!r}: expected MODULE_PATH*FACTOR with a module of the model"
+        ) from None
+
+    def scaled(_module, _args, output):
+        if isinstance(output, torch.Tensor):
+            return output * scale
+        first, *rest = output
+        return type(output)([first * scale, *rest])
+
+    module.register_forward_hook(scaled)
+    return f"{path}*{scale!r}"
+
+
 def trainer_kwargs(cfg: DictConfig, max_step: int, deterministic: bool) -> dict[str, Any]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(
@@ -145,6 +173,8 @@ def capture_main(
     kwargs = trainer_kwargs(cfg, steps[-1], deterministic)
     trainer = pl.Trainer(**kwargs, callbacks=[callback])
     model = build_model(cfg.model, trainer)
+    if cfg.get("fault"):
+        metadata["fault"] = plant_fault(model, str(cfg.fault))
     trainer.fit(model)
     for path in callback.written:
         print(f"captured {path}", file=sys.stderr)
