@@ -162,3 +162,19 @@ def test_a_planted_fault_is_named_as_the_first_culprit(workdir, tmp_path):
     assert row["first_forward"].startswith(faulty), row["first_forward"]
     assert faulty in row["first_backward"], row["first_backward"]
     assert faulty in (work / "results/summary.md").read_text()
+
+
+def test_fastconformer_small_matches_exactly(workdir, tmp_path):
+    """The medium size (d_model 176, 16 layers) through the workflow: every value equal."""
+    work = tmp_path / "small"
+    shutil.copytree(workdir, work, symlinks=True)
+    sweep = yaml.safe_load((ROOT / "config/sweeps/small.yaml").read_text())
+    config = write_config(work / "small.yaml", model_overrides=sweep["model_overrides"])
+    snakemake(work, "-j2", "--configfile", str(config))
+    with open(work / "results/summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["verdict"] for r in rows] == ["PASS", "PASS"]
+    assert rows[0]["grads_matched"] == "606/606"
+    for row in rows:
+        worst = [row[f"{cat}_max_abs"] for cat in ("forward", "loss", "grads", "weights", "layers")]
+        assert all(float(w) == 0.0 for w in worst), row
