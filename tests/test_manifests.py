@@ -68,3 +68,34 @@ def test_missing_manifest_is_named(tmp_path):
     manifests["train"] = tmp_path / "nope.json"
     with pytest.raises(ManifestError, match=r"nope.json: manifest not found"):
         check_manifests(model_cfg(manifests))
+
+
+@pytest.mark.slow
+def test_capture_script_fails_naming_the_missing_wav(tmp_path):
+    """Through a real capture script: an error naming the file, and no step directory."""
+    import os
+    import subprocess
+
+    from conftest import ROOT, env_python
+
+    manifests = make_data(CFG, tmp_path / "data")
+    (tmp_path / "data" / "train" / "train_0000.wav").unlink()
+    proc = subprocess.run(
+        [
+            str(env_python("nest")),
+            str(ROOT / "scripts/capture_nest.py"),
+            "--config-path",
+            str(ROOT / "config"),
+            f"model.train_ds.manifest_filepath={manifests['train']}",
+            f"model.validation_ds.manifest_filepath={manifests['val']}",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "train_manifest.json:1: audio file not found" in proc.stderr
+    assert "train_0000.wav" in proc.stderr
+    assert not (tmp_path / "out").exists()
