@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,37 @@ def test_same_seed_same_weights(tiny):
         tiny.encoder.layers[0].feed_forward1.linear1.weight,
         tiny.encoder.layers[1].feed_forward1.linear1.weight,
     )
+
+
+def test_model_import_does_not_import_lightning():
+    code = (
+        "import sys, nest_ssl.model\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'lightning_fabric')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(CONFIG.parents[1] / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == "[]"
+
+
+def test_pretraining_is_the_model_plus_lightning(tiny):
+    from lightning.pytorch import LightningModule
+
+    from nest_ssl.training import NestPretraining
+
+    cfg = model_cfg(TINY)
+    for key in ("train_ds", "validation_ds"):
+        cfg.pop(key)
+    torch.manual_seed(0)
+    trained = NestPretraining(cfg)
+    assert isinstance(trained, LightningModule) and not isinstance(tiny, LightningModule)
+    modules = [(n, type(m)) for n, m in trained.named_modules()]
+    assert modules[0] == ("", NestPretraining) and issubclass(NestPretraining, NestModel)
+    assert modules[1:] == [(n, type(m)) for n, m in tiny.named_modules()][1:]
+    for (k, a), (j, b) in zip(tiny.state_dict().items(), trained.state_dict().items(), strict=True):
+        assert k == j and torch.equal(a, b), k
 
 
 def batch(seconds=(3.0, 2.0)):

@@ -1,15 +1,15 @@
-"""NestModel: NeMo's EncDecDenoiseMaskedTokenPredModel (NEST) as a plain LightningModule.
+"""NestModel: NeMo's EncDecDenoiseMaskedTokenPredModel (NEST) as a plain ``torch.nn.Module``.
 
 The ``model:`` config section is mapped to the port's own modules (``_target_`` keys are ignored).
 Construction replays NeMo's RNG use: NeMo's parent class builds an encoder and a decoder that its
-subclass throws away, so the port builds (and drops) them too, in the same order.
+subclass throws away, so the port builds (and drops) them too, in the same order. The model needs
+no Lightning; ``nest_ssl.training.NestPretraining`` adds it for training.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -195,7 +195,7 @@ class SpectrogramAugmentation(nn.Module):
         return input_spec
 
 
-class NestModel(pl.LightningModule):
+class NestModel(nn.Module):
     """NEST: denoising masked-token prediction on a FastConformer encoder.
 
     Children (registration = state_dict order): preprocessor, encoder, loss, spec_augmentation,

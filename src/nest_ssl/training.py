@@ -1,6 +1,8 @@
 """NEST pretraining as a LightningModule: data loaders, steps, logging and optimizers like NeMo's.
 
-``NestPretraining(cfg, trainer)`` takes the ``model:`` config section. As in NeMo, the data loaders
+``NestPretraining(cfg, trainer)`` takes the ``model:`` config section. It is ``NestModel`` with
+``LightningModule`` mixed in after it, so the modules, the state_dict and the random draws at
+construction are the model's own (no wrapper, no key prefix). As in NeMo, the data loaders
 are built before the modules (which consumes no random numbers); the optimizer and the schedule are
 built when Lightning asks for them. Logged keys: ``learning_rate``, ``global_step`` and
 ``train_loss`` per step, ``val_loss`` per validation run.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -54,7 +57,7 @@ def build_dataloader(ds: dict[str, Any], model_rate: int) -> DataLoader:
     )
 
 
-class NestPretraining(NestModel):
+class NestPretraining(NestModel, pl.LightningModule):
     """NestModel with NeMo's training loop pieces (see the module docstring)."""
 
     def __init__(self, cfg: DictConfig, trainer: Any = None):
