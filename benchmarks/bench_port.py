@@ -3,13 +3,16 @@
     python benchmarks/bench_port.py [--threads 2] [--steps 10] [--full-steps 3] [--skip-full]
 
 For each framework, in its own env (.venvs/nemo, .venvs/nest, or $NEST_ALIGN_<ENV>_PYTHON) and a
-fresh process: the wall time of importing the framework and building the model (tiny config), and
-the steady time (median and minimum) of one training step (forward, loss, backward, AdamW step)
-on a fixed batch, at the tiny config and at the full 113 M-parameter config. Prints the figures
-and the ratios; targets: build at least 4x faster, step time ratio (nest / NeMo) at most 1.0. The
-build is shown from process start and, since both sides import the same torch first, after
-``import torch``. On a shared machine use ``--threads 1``: oversubscribed threads make the step
-times swing by an order of magnitude.
+fresh process: the wall time of importing the model and building it (tiny config; NeMo's
+``EncDecDenoiseMaskedTokenPredModel``, which also sets up its data loaders, against the port's
+``nest_ssl.model.NestModel``), and the steady time (median and minimum) of one training step
+(forward, loss, backward, AdamW step) on a fixed batch, at the tiny config and at the full
+113 M-parameter config. Prints the figures and the ratios; targets: build at least 4x faster, step
+time ratio (nest / NeMo) at most 1.0. The build is shown from process start and, since both sides
+import the same torch first, after ``import torch``; a third process times the port's Lightning
+module with its data loaders (``nest_ssl.training.NestPretraining``), for reference. On a shared
+machine use ``--threads 1``: oversubscribed threads make the step times swing by an order of
+magnitude.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
+ENVS = {"nemo": "nemo", "nest": "nest", "nest-lightning": "nest"}
 TINY = {
     "encoder.n_layers": 2,
     "encoder.d_model": 64,
@@ -48,7 +52,7 @@ def make_data(folder: Path) -> Path:
 
 
 def worker(framework: str, size: str, manifest: str, threads: int, steps: int) -> dict:
-    """Runs inside a framework env: times import+build, then the training step."""
+    """Runs inside a framework env: times import+build, then (steps > 0) the training step."""
     import torch
 
     after_torch = time.perf_counter()
@@ -68,12 +72,26 @@ def worker(framework: str, size: str, manifest: str, threads: int, steps: int) -
         from nemo.collections.asr.models.ssl_models import EncDecDenoiseMaskedTokenPredModel
 
         model = EncDecDenoiseMaskedTokenPredModel(cfg=cfg.model)
+        loader = model.train_dataloader()
+    elif framework == "nest":
+        from nest_ssl.model import NestModel
+
+        model = NestModel(cfg.model)
     else:
         from nest_ssl.training import NestPretraining
 
         model = NestPretraining(cfg.model)
+        loader = model.train_dataloader()
     built = time.perf_counter() - T0
-    loader = model.train_dataloader()
+    result = {"build_s": built, "build_after_torch_s": built - (after_torch - T0)}
+    if steps == 0:
+        return result
+    if framework == "nest":
+        from nest_ssl.config import validate_model_config
+        from nest_ssl.training import build_dataloader
+
+        data = validate_model_config(cfg.model)
+        loader = build_dataloader(data["train_ds"], data["sample_rate"])
     batch = next(iter(loader))
     params = sum(p.numel() for p in model.parameters())
     model.train()
@@ -100,8 +118,7 @@ def worker(framework: str, size: str, manifest: str, threads: int, steps: int) -
         times.append(time.perf_counter() - start)
     steady = sorted(times[2:])
     return {
-        "build_s": built,
-        "build_after_torch_s": built - (after_torch - T0),
+        **result,
         "step_s": steady[len(steady) // 2],
         "step_min_s": steady[0],
         "params": params,
@@ -115,7 +132,7 @@ def env_python(env: str) -> str:
 
 
 def run(framework: str, size: str, manifest: Path, threads: int, steps: int) -> dict:
-    cmd = [env_python(framework), __file__, "--worker", framework, size, str(manifest)]
+    cmd = [env_python(ENVS[framework]), __file__, "--worker", framework, size, str(manifest)]
     cmd += ["--threads", str(threads), "--steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -146,16 +163,28 @@ def main() -> int:
             for fw in ("nemo", "nest"):
                 results[fw, size] = run(fw, size, manifest, args.threads, steps)
                 print(f"{fw:5s} {size:5s} {json.dumps(results[fw, size])}", file=sys.stderr)
+        results["nest-lightning", "tiny"] = run("nest-lightning", "tiny", manifest, args.threads, 0)
+        print(
+            f"nest-lightning tiny {json.dumps(results['nest-lightning', 'tiny'])}", file=sys.stderr
+        )
     print(f"threads={args.threads}")
     print("| figure | NeMo | nest | ratio | target |")
     print("| --- | --- | --- | --- | --- |")
-    nemo, nest = results["nemo", "tiny"], results["nest", "tiny"]
-    for key, label in (("build_s", "import+build"), ("build_after_torch_s", "same, after torch")):
-        ratio = nemo[key] / nest[key]
-        print(
-            f"| {label} (tiny), s | {nemo[key]:.2f} | {nest[key]:.2f} | "
-            f"NeMo/nest {ratio:.1f}x | >= 4x |"
-        )
+    nemo = results["nemo", "tiny"]
+    for fw, what, target in (
+        ("nest", "NestModel", ">= 4x"),
+        ("nest-lightning", "NestPretraining", "-"),
+    ):
+        nest = results[fw, "tiny"]
+        for key, label in (
+            ("build_s", "import+build"),
+            ("build_after_torch_s", "same, after torch"),
+        ):
+            ratio = nemo[key] / nest[key]
+            print(
+                f"| {label} (tiny), nest {what}, s | {nemo[key]:.2f} | {nest[key]:.2f} | "
+                f"NeMo/nest {ratio:.1f}x | {target} |"
+            )
     for size, _ in sizes:
         nemo, nest = results["nemo", size], results["nest", size]
         for key, label in (("step_s", "median"), ("step_min_s", "min")):
