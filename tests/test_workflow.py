@@ -178,3 +178,18 @@ def test_fastconformer_small_matches_exactly(workdir, tmp_path):
     for row in rows:
         worst = [row[f"{cat}_max_abs"] for cat in ("forward", "loss", "grads", "weights", "layers")]
         assert all(float(w) == 0.0 for w in worst), row
+
+
+def test_nan_loss_when_nothing_is_masked_is_reported_on_both_sides(workdir, tmp_path):
+    """mask_prob 0: no frame is masked, NeMo's loss is NaN; nest must do the same."""
+    work = tmp_path / "nan"
+    shutil.copytree(workdir, work, symlinks=True)
+    base = yaml.safe_load((ROOT / "config/config.yaml").read_text())["model_overrides"]
+    config = write_config(
+        work / "nan.yaml", steps=[0], model_overrides=[*base, "model.masking.mask_prob=0.0"]
+    )
+    snakemake(work, "-j2", "--configfile", str(config))
+    with open(work / "results/summary.tsv") as fh:
+        (row,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert (row["loss_ref"], row["loss_cand"]) == ("nan", "nan")
+    assert row["verdict"] == "PASS", row  # NaN at the same places on both sides agrees
