@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import soundfile as sf
 
 from nestalign.dummy_data import make_data
@@ -68,3 +69,15 @@ def test_float_format_and_stale_clips_removed(tmp_path):
     assert len(list((tmp_path / "train").iterdir())) == 3
     first = read_manifest(manifests["train"])[0]["audio_filepath"]
     assert sf.info(str(tmp_path / first)).subtype == "FLOAT"
+
+
+def test_every_clip_is_finite_and_audible(tmp_path):
+    small = {"count": 1, "min_duration": 0.2, "max_duration": 0.3}
+    cfg = {**CFG, "train": small, "val": small, "format": "float"}
+    cfg["noise"] = {**small, "count": 4}
+    for seed in range(40):
+        manifests = make_data({**cfg, "seed": seed}, tmp_path / str(seed))
+        for manifest in manifests.values():
+            for entry in read_manifest(manifest):
+                audio, _ = sf.read(manifest.parent / entry["audio_filepath"], dtype="float32")
+                assert np.isfinite(audio).all() and np.abs(audio).max() > 0.1, (seed, entry)

@@ -41,7 +41,7 @@ def speech(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
 
 def noise(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     white = rng.standard_normal(n + 64)
-    taps = np.hanning(rng.integers(2, 64))
+    taps = np.hanning(rng.integers(1, 63) + 2)[1:-1]  # without the zero end points
     coloured = np.convolve(white, taps / taps.sum(), mode="same")[:n]
     return (0.3 * coloured / max(np.abs(coloured).max(), 1e-9)).astype(np.float32)
 
