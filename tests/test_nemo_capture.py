@@ -3,14 +3,13 @@ and the compare says so."""
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import yaml
 
 from conftest import ROOT, run_python
 from nestalign import artifacts as art
 from nestalign.dummy_data import make_data
+from nestalign.summary import load_result
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +56,7 @@ def compare(tmp_path, ref, cand):
         "align",
         ["scripts/compare.py", "--ref", str(ref), "--cand", str(cand), "--out", str(out)],
     )
-    with open(out, "rb") as fh:  # written by this project's compare
-        return pickle.load(fh)
+    return load_result(out)  # plain data only
 
 
 @pytest.mark.parametrize("step", [0, 1])
