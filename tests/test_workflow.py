@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import subprocess
@@ -193,3 +194,32 @@ def test_nan_loss_when_nothing_is_masked_is_reported_on_both_sides(workdir, tmp_
         (row,) = list(csv.DictReader(fh, delimiter="\t"))
     assert (row["loss_ref"], row["loss_cand"]) == ("nan", "nan")
     assert row["verdict"] == "PASS", row  # NaN at the same places on both sides agrees
+
+
+def test_a_changed_pin_rebuilds_only_that_env_and_its_captures(workdir, tmp_path):
+    """venv mode (no `interpreters`): the env marker is an input of that framework's jobs only."""
+    work = tmp_path / "venvs"
+    shutil.copytree(workdir, work, symlinks=True)
+    old = 946684800  # 2000-01-01: older than every capture, as after a real build
+    for env in ("nemo", "nest", "align"):
+        marker = work / ".venvs" / env / ".built"
+        marker.parent.mkdir(parents=True)
+        marker.write_text("built\n")
+        os.utime(marker, (old, old))
+        os.utime(work / "envs" / f"{env}.yaml", (old - 1, old - 1))
+    os.utime(work / "scripts/build_venv.py", (old - 1, old - 1))
+    config = write_config(work / "venv_mode.yaml", interpreters={})
+    # Leaving `interpreters` changes the python param of every job: judge by file times only.
+    dry_run = ["-n", "--rerun-triggers", "mtime", "--configfile", str(config)]
+    assert "Nothing to be done" in snakemake(work, *dry_run).stdout
+    with open(work / "envs/nest.yaml", "a") as fh:
+        fh.write("# a changed pin\n")
+    counts = job_counts(snakemake(work, *dry_run).stdout)
+    assert counts == {
+        "all": 1,
+        "venv_nest": 1,
+        "capture_nest": 2,
+        "compare": 2,
+        "summary": 1,
+        "report": 1,
+    }
