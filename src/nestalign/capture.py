@@ -156,8 +156,7 @@ class LayerRecorder:
         self._enter(self._name_of(module), module, module.forward, args, kwargs)
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        entry = next(c for c in reversed(self.calls) if c["end"] == -1)
-        self._leave(entry, output)
+        self._leave(self.calls[self._stack[-1][2]], output)  # the innermost running call
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
