@@ -112,22 +112,23 @@ class _Trace:
             }
         return self._out[i]
 
+    def _index(self, fingerprints) -> dict[tuple, list[tuple[int, str]]]:
+        """Fingerprint -> the (call, leaf path) places where it occurs, in call order."""
+        index: dict[tuple, list[tuple[int, str]]] = {}
+        for i in range(len(self.calls)):
+            for p, fp in fingerprints(i).items():
+                if fp is not None:
+                    index.setdefault(fp, []).append((i, p))
+        return index
+
     def out_index(self) -> dict[tuple, list[tuple[int, str]]]:
         if self._out_index is None:
-            self._out_index = {}
-            for i in range(len(self.calls)):
-                for p, fp in self.outputs(i).items():
-                    if fp is not None:
-                        self._out_index.setdefault(fp, []).append((i, p))
+            self._out_index = self._index(self.outputs)
         return self._out_index
 
     def in_index(self) -> dict[tuple, list[tuple[int, str]]]:
         if self._in_index is None:
-            self._in_index = {}
-            for i in range(len(self.calls)):
-                for p, fp in self.inputs(i).items():
-                    if fp is not None:
-                        self._in_index.setdefault(fp, []).append((i, p))
+            self._in_index = self._index(self.inputs)
         return self._in_index
 
     def inside(self, i: int, j: int) -> bool:
