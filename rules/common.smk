@@ -32,7 +32,7 @@ CAPTURE_FILES = (
     "parameter_weights.pt",
     "layer_outputs.pt",
 )
-LIBRARY = sorted(str(p) for p in Path("src/nestalign").glob("*.py"))
+LIBRARY = sorted(str(p) for p in Path("src/nestalign").rglob("*.py"))
 
 
 def step_dir(framework, seed, step):
