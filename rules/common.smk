@@ -31,6 +31,8 @@ CAPTURE_FILES = (
     "parameter_gradients.pt",
     "parameter_weights.pt",
     "layer_outputs.pt",
+    "initial_weights.pt",
+    "initial_rng.pt",
 )
 LIBRARY = sorted(str(p) for p in Path("src/nestalign").rglob("*.py"))
 

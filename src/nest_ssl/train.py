@@ -27,7 +27,16 @@ from nest_ssl.config import ConfigError
 
 #: Top-level keys besides model/trainer: accepted (the capture keys belong to the shared config).
 TOP_LEVEL = {"name", "model", "trainer", "exp_manager", "seed"}
-CAPTURE_KEYS = {"output_dir", "save_steps", "threads", "deterministic", "fault"}
+CAPTURE_KEYS = {
+    "output_dir",
+    "save_steps",
+    "threads",
+    "deterministic",
+    "fault",
+    "init_from",
+    "force_from",
+    "name_map",
+}
 PRECISIONS = (32, "32", "32-true")
 
 

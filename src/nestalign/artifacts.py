@@ -4,7 +4,8 @@ A step directory holds (see docs/artifacts.md for the full format):
 
     metadata.json, model_structure.json,
     batch.pt, forward_output.pt, loss.pt,
-    parameter_gradients.pt, parameter_weights.pt, layer_outputs.pt
+    parameter_gradients.pt, parameter_weights.pt, layer_outputs.pt,
+    initial_weights.pt, initial_rng.pt (the run's state before its first forward)
 
 Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and tensors only, so it
 loads with ``torch.load(path, weights_only=True)``.
@@ -30,8 +31,10 @@ LOSS = "loss.pt"
 GRADS = "parameter_gradients.pt"
 WEIGHTS = "parameter_weights.pt"
 LAYERS = "layer_outputs.pt"
+INITIAL_WEIGHTS = "initial_weights.pt"
+INITIAL_RNG = "initial_rng.pt"
 
-TENSOR_FILES = (BATCH, FORWARD, LOSS, GRADS, WEIGHTS, LAYERS)
+TENSOR_FILES = (BATCH, FORWARD, LOSS, GRADS, WEIGHTS, LAYERS, INITIAL_WEIGHTS, INITIAL_RNG)
 ALL_FILES = (METADATA, STRUCTURE, *TENSOR_FILES)
 
 

@@ -78,8 +78,38 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     }
 
 
+class _Frame:
+    """A running call: its name, child counts, start index and RNG bookkeeping."""
+
+    __slots__ = ("name", "seen", "start", "rng_enter", "rng_last", "rng_own")
+
+    def __init__(self, name: str, start: int, rng: tuple):
+        self.name, self.seen, self.start = name, {}, start
+        self.rng_enter = self.rng_last = rng
+        self.rng_own = False
+
+
+def rng_now() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch CPU generator's state, and the current CUDA device's when CUDA is in use."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return all(
+        x is y or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
 class LayerRecorder:
-    """Records every module call of ``model`` while active (see the module docstring)."""
+    """Records every module call of ``model`` while active (see the module docstring).
+
+    Each call also records whether it drew random numbers: ``rng`` is "own" when the torch
+    generator advanced in the call's own code (between its children), "inner" when only inside
+    its children, None otherwise; ``rng_state`` is the CPU generator state at the call's start
+    when the call (or a child) drew, so that a teacher-forced run can replay it.
+    """
 
     def __init__(self, model: nn.Module, grads: bool = True):
         self.model = model
@@ -89,79 +119,123 @@ class LayerRecorder:
         for name, module in model.named_modules(remove_duplicate=False):
             if name:
                 self._aliases[id(module)].append(name)
-        self._stack: list[
-            tuple[str, dict[int, int], int]
-        ] = []  # running: name, child counts, start
+        self._stack: list[_Frame] = []
         self._counts: dict[str, int] = defaultdict(int)
         self._handles: list[Any] = []
         self._finished = 0
         self._root_forward = None
+        self._watched: dict[int, tuple[torch.Tensor, list[tuple]]] = {}
 
     # -- naming -------------------------------------------------------------------------------
     def _name_of(self, module: nn.Module) -> str:
         names = self._aliases[id(module)]
         if not self._stack:
             return names[0]
-        parent, seen, _ = self._stack[-1]
-        slots = [n for n in names if (n.rpartition(".")[0] or ROOT) == parent]
+        frame = self._stack[-1]
+        slots = [n for n in names if (n.rpartition(".")[0] or ROOT) == frame.name]
         if not slots:
             return names[0]
-        k = seen.get(id(module), 0)
-        seen[id(module)] = k + 1
+        k = frame.seen.get(id(module), 0)
+        frame.seen[id(module)] = k + 1
         return slots[k % len(slots)]
 
     # -- hooks --------------------------------------------------------------------------------
     def _enter(self, name: str, module: nn.Module, fn: Callable, args: tuple, kwargs: dict):
         inputs = _bind(fn, args, kwargs)
+        rng = rng_now()
+        parent = self._stack[-1] if self._stack else None
+        if parent is not None and not _same_rng(parent.rng_last, rng):
+            parent.rng_own = True
         entry = {
             "name": name,
             "call": self._counts[name],
             "type": type(module).__name__,
-            "parent": self._stack[-1][0] if self._stack else None,
-            "parent_start": self._stack[-1][2] if self._stack else None,
+            "parent": parent.name if parent else None,
+            "parent_start": parent.start if parent else None,
             "start": len(self.calls),
             "end": -1,
             "input_names": list(inputs),
             "inputs": art.to_plain(list(inputs.values())),
             "outputs": None,
             "grad_outputs": None,
+            "grad_inputs": None,
+            "rng": None,
+            "rng_state": None,
         }
         self._counts[name] += 1
         self.calls.append(entry)
-        self._stack.append((name, {}, entry["start"]))
+        self._stack.append(_Frame(name, entry["start"], rng))
+        if self.grads and torch.is_grad_enabled():
+            self._watch(entry, "grad_inputs", _leaves(list(inputs.values())))
         return entry
 
-    def _leave(self, entry: dict[str, Any], output: Any) -> None:
-        self._stack.pop()
+    def _leave(self, entry: dict[str, Any], output: Any) -> Any:
+        """Finish the innermost call; returns what the caller receives (here: ``output``)."""
+        frame = self._stack.pop()
+        rng = rng_now()
+        own = frame.rng_own or not _same_rng(frame.rng_last, rng)
+        drew = own or not _same_rng(frame.rng_enter, rng)
+        entry["rng"] = "own" if own else "inner" if drew else None
+        entry["rng_state"] = frame.rng_enter[0] if drew else None
+        if self._stack:
+            self._stack[-1].rng_last = rng
         entry["outputs"] = art.to_plain(output)
         entry["end"] = self._finished
         self._finished += 1
-        if not (self.grads and torch.is_grad_enabled()):
-            return
-        leaves = _leaves(output)
-        grads: list[Any] = [None] * len(leaves)
-        entry["grad_outputs"] = grads
-        for i, t in enumerate(leaves):
-            if t.requires_grad:
-                t.register_hook(self._grad_hook(grads, i))
+        seen = self._outgoing(entry, output)
+        if self.grads and torch.is_grad_enabled():
+            self._watch_grads(entry, seen)
+        return seen
 
-    @staticmethod
-    def _grad_hook(store: list[Any], i: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            store[i] = grad.detach().to("cpu", copy=True)
+    def _outgoing(self, entry: dict[str, Any], output: Any) -> Any:
+        """What the caller receives instead of ``output`` (a forcing recorder replaces it)."""
+        return output
+
+    def _watch_grads(self, entry: dict[str, Any], output: Any) -> None:
+        self._watch(entry, "grad_outputs", _leaves(output))
+
+    def _watch(self, entry: dict[str, Any], key: str, tensors: list[torch.Tensor]) -> None:
+        """Keep, in ``entry[key][i]``, the gradient of ``tensors[i]`` during backward.
+
+        One hook per tensor object: a tensor that is an output and later an input (or the input
+        of several calls) has its one gradient (the sum over all its uses) kept for each.
+        """
+        store: list[Any] = [None] * len(tensors)
+        entry[key] = store
+        for i, t in enumerate(tensors):
+            if not t.requires_grad:
+                continue
+            watched = self._watched.get(id(t))
+            if watched is None:
+                watched = self._watched[id(t)] = (t, [])
+                t.register_hook(self._grad_hook(watched[1]))
+            watched[1].append((entry, key, store, i))
+
+    def _grad_hook(self, targets: list[tuple]) -> Callable:
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            kept = grad.detach().to("cpu", copy=True)
+            for _, _, store, i in targets:
+                store[i] = kept
+            return self._replacement(targets, grad)
 
         return hook
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _replacement(self, targets: list[tuple], grad: torch.Tensor) -> torch.Tensor | None:
+        """The gradient passed on instead of ``grad`` (a forcing recorder feeds the reference's)."""
+        return None
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         self._enter(self._name_of(module), module, module.forward, args, kwargs)
 
-    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self._leave(self.calls[self._stack[-1][2]], output)  # the innermost running call
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        seen = self._leave(self.calls[self._stack[-1].start], output)  # the innermost call
+        return None if seen is output else seen
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self.calls.clear()
         self._counts.clear()
+        self._watched.clear()
         self._finished = 0
         for name, module in self.model.named_modules():
             if not name:
@@ -174,17 +248,19 @@ class LayerRecorder:
         self._root_forward = original
 
         def recorded_forward(*args, **kwargs):
-            entry = self._enter(ROOT, self.model, original, args, kwargs)
-            output = original(*args, **kwargs)
-            self._leave(entry, output)
-            return output
+            entry, args, kwargs = self._enter_root(original, args, kwargs)
+            return self._leave(entry, original(*args, **kwargs))
 
         self.model.forward = recorded_forward
+
+    def _enter_root(self, fn: Callable, args: tuple, kwargs: dict) -> tuple[dict, tuple, dict]:
+        return self._enter(ROOT, self.model, fn, args, kwargs), args, kwargs
 
     def stop(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._watched.clear()  # backward is over: let the watched tensors go
         if self._root_forward is not None:
             del self.model.forward  # drop the instance attribute, back to the class method
             self._root_forward = None

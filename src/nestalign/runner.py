@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nestalign import artifacts as art
 from nestalign.manifests import check_manifests
+from nestalign.namemap import NameMap, NameMapError
+from nestalign.state import InitError
 
 OUTPUT_NAMES = ("log_probs", "encoded_len", "masks", "tokens")
 
@@ -39,7 +42,10 @@ def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
         "listed in save_steps (0 = first optimizer step) into OUTPUT_DIR/step_N/.",
         epilog="Overrides are Hydra syntax (key=value, +key=value, ~key). Capture keys: "
         "output_dir (required), seed, save_steps ('0,2'), threads, deterministic, "
-        "fault (MODULE_PATH*FACTOR: scale that module's output, a planted fault).",
+        "fault (MODULE_PATH*FACTOR: scale that module's output, a planted fault), "
+        "init_from (a reference step dir: start from its initial weights and generators), "
+        "force_from (a reference step dir: teacher-force that step), "
+        "name_map (YAML: candidate -> reference names, for init_from and force_from).",
     )
     parser.add_argument("--config-path", "-cp", default="config", help="config directory")
     parser.add_argument("--config-name", "-cn", default="nest_fast-conformer")
@@ -127,6 +133,14 @@ def plant_fault(model: torch.nn.Module, spec: str) -> str:
     return f"{path}*{scale!r}"
 
 
+def _existing_dir(value: Any, key: str) -> str | None:
+    if not value:
+        return None
+    if not Path(str(value)).is_dir():
+        raise SystemExit(f"{key}={value}: not a capture step directory")
+    return str(value)
+
+
 def trainer_kwargs(cfg: DictConfig, max_step: int, deterministic: bool) -> dict[str, Any]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(
@@ -168,14 +182,29 @@ def capture_main(
         "overrides": list(args.overrides),
         **numerics,
     }
-    callback = CaptureCallback(cfg.output_dir, steps, metadata, OUTPUT_NAMES)
+    try:
+        name_map = NameMap.load(cfg.name_map) if cfg.get("name_map") else None
+        callback = CaptureCallback(
+            cfg.output_dir,
+            steps,
+            metadata,
+            OUTPUT_NAMES,
+            init_from=_existing_dir(cfg.get("init_from"), "init_from"),
+            force_from=_existing_dir(cfg.get("force_from"), "force_from"),
+            name_map=name_map,
+        )
+    except (NameMapError, art.ArtifactError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
     seed_everything(seed)
     kwargs = trainer_kwargs(cfg, steps[-1], deterministic)
     trainer = pl.Trainer(**kwargs, callbacks=[callback])
     model = build_model(cfg.model, trainer)
     if cfg.get("fault"):
-        metadata["fault"] = plant_fault(model, str(cfg.fault))
-    trainer.fit(model)
+        callback.metadata["fault"] = plant_fault(model, str(cfg.fault))
+    try:
+        trainer.fit(model)
+    except (InitError, art.ArtifactError) as exc:
+        raise SystemExit(str(exc)) from None
     for path in callback.written:
         print(f"captured {path}", file=sys.stderr)
     return 0
