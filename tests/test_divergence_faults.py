@@ -13,6 +13,7 @@ from torch import nn
 from nestalign import artifacts as art
 from nestalign.capture import LayerRecorder, model_structure
 from nestalign.compare import compare_steps, load_tolerances
+from nestalign.forcing import ForcingRecorder
 
 D, HEADS, FEATS, VOCAB, T = 16, 2, 8, 11, 24
 
@@ -237,3 +238,70 @@ def test_zero_gradients_are_noise(reference, tmp_path, atol):
         assert f"{name}.bias" in grads["noise"]
     assert grads["worst"]["item"] not in grads["noise"]
     assert grads["worst"]["max_rel"] < 10
+
+
+def forced_capture(run_dir: Path, fault: str, reference: Path, seed: int = 7) -> Path:
+    """The faulty model's step teacher-forced with the reference's calls (a different seed:
+    the reference's initial weights are loaded, and forcing replays its random draws)."""
+    torch.set_num_threads(1)
+    model = build(fault, seed + 100).train()
+    model.load_state_dict(art.load_tensors(reference.parent / "initial.pt"))
+    if fault == "transposed":
+        with torch.no_grad():
+            w = model.blocks[0].attn.q.weight
+            w.copy_(w.t().clone())
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2, T, FEATS, generator=gen)
+    lengths = torch.tensor([T, T - 9])
+    targets = torch.randint(0, VOCAB, (2, T // 2), generator=gen)
+    torch.manual_seed(seed + 999)  # another stream: forcing must replay the reference's draws
+    rec = ForcingRecorder(model, art.load_tensors(reference / art.LAYERS))
+    rec.start()
+    logits, mask = model(feats, lengths)
+    loss = nn.functional.cross_entropy(logits[mask], targets[mask])
+    loss.backward()
+    rec.stop()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    writer = art.StepWriter(run_dir, 0)
+    writer.json(art.METADATA, {"framework": fault or "forced", "seed": seed, "step": 0})
+    writer.json(art.STRUCTURE, model_structure(model))
+    writer.tensors(art.BATCH, {"feats": feats, "lengths": lengths, "targets": targets})
+    writer.tensors(art.FORWARD, {"logits": logits.detach(), "mask": mask})
+    writer.tensors(art.LOSS, loss.detach())
+    writer.tensors(art.GRADS, grads)
+    writer.tensors(art.WEIGHTS, art.to_plain(model.state_dict()))
+    writer.tensors(art.LAYERS, rec.calls)
+    return writer.commit()
+
+
+@pytest.fixture(scope="module")
+def forced_reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("forced_ref")
+    art.save_tensors(run / "initial.pt", art.to_plain(build("", 7).state_dict()))
+    return capture(run, "")
+
+
+# fault -> every divergence one forced run must list: (where, class, direction)
+FORCED = {
+    "": [],
+    "eps": [("blocks.1.norm2#0 (LayerNorm)", "code", "forward")],
+    "scale": [("glue in blocks.1.attn before blocks.1.attn.drop#0", "glue", "forward")],
+    "transposed": [("blocks.0.attn.q#0 (Linear)", "code", "forward")],
+    "missing_dropout": [
+        ("blocks.1.ff.drop#0 (missing in candidate)", "random algorithm", "forward")
+    ],
+    "mask_off_by_one": [("glue in <root> before blocks.0#0", "glue", "forward")],
+    "swap": [("glue in blocks.2 before blocks.2.norm1#0", "glue", "forward")],
+    "drop_mask": [("glue in blocks.1 before blocks.1.attn#0", "glue", "forward")],
+    "bad_backward": [("blocks.1.ff.gate#0 (GradGate)", "code", "backward")],
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FORCED))
+def test_forced_run_lists_only_the_planted_fault(forced_reference, tmp_path, fault):
+    """Teacher forcing: each call runs on the reference's inputs, so the one planted place is
+    the only divergence listed, with its class, and everything after it matches."""
+    cand = forced_capture(tmp_path, fault, forced_reference)
+    result = compare_steps(forced_reference, cand, load_tolerances(**TOLS))
+    got = [(e["where"], e["class"], e["direction"]) for e in result["divergences"]]
+    assert got == FORCED[fault], got

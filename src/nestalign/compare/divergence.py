@@ -33,30 +33,11 @@ from typing import Any
 
 import torch
 
-CULPRITS = ("culprit", "glue", "missing")
+from nestalign.align import call_inputs, leaves
 
+__all__ = ["analyse", "call_inputs", "empty", "fingerprint", "leaves"]
 
-def leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(path, value) of every tensor or plain value in a nested structure, depth first."""
-    if isinstance(obj, dict):
-        out = []
-        for k, v in obj.items():
-            out += leaves(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(obj, (list, tuple)):
-        out = []
-        for i, v in enumerate(obj):
-            out += leaves(v, f"{prefix}[{i}]")
-        return out
-    return [(prefix, obj)]
-
-
-def call_inputs(call: dict[str, Any]) -> dict[str, Any]:
-    """Inputs of a recorded call by argument name."""
-    names = list(call.get("input_names") or [])
-    values = list(call.get("inputs") or [])
-    names += [f"arg{i}" for i in range(len(names), len(values))]
-    return dict(zip(names, values, strict=False))
+CULPRITS = ("culprit", "glue", "missing", "random algorithm")
 
 
 def fingerprint(t: Any) -> tuple | None:
@@ -153,9 +134,16 @@ def _forward(tr: _Trace, rows: dict[str, dict]) -> dict[int, str]:
     for i in sorted(range(n), key=lambda k: tr.end[k]):  # children before their parent
         row = rows[tr.keys[i]]
         if row["status"] == "only_ref":
-            cls[i] = "missing"
+            cls[i] = "missing" if _missing_matters(tr, rows, i) else "match"
         elif row["ok"]:
             cls[i] = "match"
+        elif row["in_ok"] and row.get("rng_same") is False:
+            cls[i] = "random stream"  # drew from a generator already in another state
+        elif row["in_ok"] and row.get("out_noise"):
+            cls[i] = "fp noise"
+        elif row["in_ok"] and "own" in (row.get("rng_ref"), row.get("rng_cand")):
+            inner = any(cls.get(j) in CULPRITS for j in range(i + 1, tr.sub_end[i]))
+            cls[i] = "contains culprit" if inner else "random algorithm"
         elif row["in_ok"]:
             inner = any(cls.get(j) in CULPRITS for j in range(i + 1, tr.sub_end[i]))
             if inner:
@@ -165,6 +153,18 @@ def _forward(tr: _Trace, rows: dict[str, dict]) -> dict[int, str]:
         else:
             cls[i] = _victim_or_glue(tr, rows, i, failing)
     return cls
+
+
+def _missing_matters(tr: _Trace, rows: dict[str, dict], i: int) -> bool:
+    """Whether a call the candidate lacks fed a call whose inputs then differ."""
+    for fp in tr.outputs(i).values():
+        if fp is None:
+            continue
+        for j, _ in tr.in_index().get(fp, []):
+            r = rows[tr.keys[j]]
+            if j >= tr.sub_end[i] and r["status"] != "only_ref" and not r["in_ok"]:
+                return True
+    return False
 
 
 def _absorbed(tr: _Trace, rows: dict[str, dict], i: int) -> bool:
@@ -247,6 +247,9 @@ def _backward(
         if g["ok"]:
             out[i] = ("match", None)
             continue
+        if g.get("grad_noise"):
+            out[i] = ("fp noise", i)
+            continue
         if not rows[tr.keys[i]]["ok"]:
             out[i] = ("forward", None)
             continue
@@ -273,7 +276,7 @@ def _backward(
             cause = min(after) if after else max(before) if before else None
             out[i] = ("culprit", cause if cause is not None else min(diverged or fwd_bad))
         elif consumers:
-            out[i] = ("culprit", min(consumers))
+            out[i] = ("culprit", _innermost(tr, consumers))
         elif last_grad_bad >= later:
             out[i] = ("victim", None)
         else:
@@ -281,16 +284,263 @@ def _backward(
     return out
 
 
-def analyse(
-    calls: list[dict[str, Any]], out_rows: list[dict[str, Any]], grad_rows: list[dict[str, Any]]
+def _innermost(tr: _Trace, calls: list[int]) -> int:
+    """The first of the calls that contains none of the others (where the data goes deepest)."""
+    inner = [j for j in calls if not any(tr.inside(j, k) for k in calls if k != j)]
+    return min(inner or calls)
+
+
+def _entry(
+    tr: _Trace, i: int, where: str, cls: str, direction: str, row: dict | None, module: str
 ) -> dict[str, Any]:
-    """Forward and backward classification of the reference's calls (see module docstring)."""
-    result = empty()
+    row = row or {}
+    return {
+        "where": where,
+        "class": cls,
+        "direction": direction,
+        "name": tr.keys[i],
+        "module": module,
+        "max_abs": row.get("max_abs"),
+        "max_rel": row.get("max_rel"),
+    }
+
+
+def _user_class(kind: str) -> str:
+    return "code" if kind == "culprit" else kind
+
+
+def _free_list(tr: _Trace, rows, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The localised divergences of a free-running pair: forward culprits, then backward ones
+    that name another place."""
+    out = []
+    for e in result["forward"]["calls"]:
+        if e["class"] in (*CULPRITS, "fp noise"):
+            i = tr.keys.index(e["name"])
+            out.append(
+                _entry(
+                    tr,
+                    i,
+                    e["where"],
+                    _user_class(e["class"]),
+                    "forward",
+                    rows.get(e["name"]),
+                    e["module"],
+                )
+            )
+    places = {e["where"] for e in out}
+    for e in result["backward"]["calls"]:
+        if e["class"] in (*CULPRITS, "fp noise") and e.get("where") and e["where"] not in places:
+            places.add(e["where"])
+            i = tr.keys.index(e.get("at") or e["name"])
+            out.append(
+                _entry(tr, i, e["where"], _user_class(e["class"]), "backward", None, e["module"])
+            )
+    return out
+
+
+def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[dict[str, Any]]:
+    """Every call or glue region whose own computation differs, from a teacher-forced pair.
+
+    Each matched call ran on the reference's inputs, so a differing output is the call's own
+    error (its code, or for a call with children the parent's code after its last child), and a
+    differing input is the parent's glue before it (everything before was replaced by the
+    reference's values). Backward, each call's output gradient arrived from consumers that were
+    fed the reference's gradients, so a difference is the innermost consumer's own backward.
+    """
+    n = len(tr.calls)
+    found: list[tuple[int, dict[str, Any]]] = []
+    own_places: dict[int, dict[str, Any]] = {}
+    claimed_missing: set[int] = set()
+
+    def parent_of(i: int) -> int | None:
+        return tr.anc[i][-1] if tr.anc[i] else None
+
+    for i in range(n):
+        row = rows[tr.keys[i]]
+        call = tr.calls[i]
+        if row["status"] == "only_ref":
+            continue
+        if not row["in_ok"]:
+            p = parent_of(i)
+            gap = [
+                m
+                for m in range(p + 1 if p is not None else 0, i)
+                if parent_of(m) == p
+                and rows[tr.keys[m]]["status"] == "only_ref"
+                and m not in claimed_missing
+            ]
+            if gap:
+                m = gap[-1]
+                claimed_missing.add(m)
+                cls = "random algorithm" if rows[tr.keys[m]].get("rng_ref") else "missing"
+                where = f"{tr.keys[m]} (missing in candidate)"
+                own_places[m] = _entry(
+                    tr, m, where, cls, "forward", row["in_worst"], tr.calls[m]["name"]
+                )
+                found.append((m, own_places[m]))
+            else:
+                prow = rows.get(tr.keys[p], {}) if p is not None else {}
+                drew = {prow.get("rng_ref"), prow.get("rng_cand")}
+                cls = (
+                    "fp noise"
+                    if row.get("in_noise")
+                    else ("random algorithm" if "own" in drew and len(drew) > 1 else "glue")
+                )
+                parent = call.get("parent")
+                where = (
+                    f"glue in {parent} before {tr.keys[i]}"
+                    if parent
+                    else (f"inputs of {tr.keys[i]}")
+                )
+                found.append(
+                    (
+                        i,
+                        _entry(
+                            tr, i, where, cls, "forward", row["in_worst"], parent or call["name"]
+                        ),
+                    )
+                )
+        if not row["ok"]:
+            children = [j for j in range(i + 1, tr.sub_end[i]) if parent_of(j) == i]
+            if row.get("out_noise"):
+                cls = "fp noise"
+            elif "own" in (row.get("rng_ref"), row.get("rng_cand")):
+                cls = "random algorithm"
+            else:
+                cls = "glue" if children else "code"
+            if children:
+                last = max(children, key=lambda j: tr.end[j])
+                where = f"glue in {tr.keys[i]} after {tr.keys[last]}"
+            else:
+                where = f"{tr.keys[i]} ({call.get('type') or '?'})"
+            entry = _entry(tr, i, where, cls, "forward", row, call["name"])
+            own_places[i] = entry
+            found.append((i, entry))
+    for i in sorted(range(n), key=lambda k: -tr.end[k]):
+        g = grads.get(tr.keys[i])
+        if g is None or g["ok"] or g["status"] == "only_ref":
+            continue
+        for path, ok in g.get("grad_in_leaf_ok", {}).items():
+            fp = None if ok else tr.inputs(i).get(path)
+            if fp is None or not rows[tr.keys[i]].get("in_leaf_ok", {}).get(path, True):
+                continue  # (an input the parent's glue changed: that glue's entry covers it)
+            # the input's gradient (summed over its readers) differs: the
+            readers = [j for j, _ in tr.in_index().get(fp, [])]  # innermost reader's backward
+            readers = [
+                j for j in readers if rows[tr.keys[j]]["status"] != "only_ref" or j in own_places
+            ] or [i]
+            glue = {e["module"] for _, e in found if e["class"] == "glue"}
+            if any(tr.calls[r]["name"] in glue for r in readers):
+                continue  # a reader whose own glue already differs forward: that region
+            j = _innermost(tr, sorted(set(readers)))
+            if j in own_places:
+                own_places[j].setdefault("also", "backward")
+                continue
+            cls = "fp noise" if g.get("grad_in_noise") else "code"
+            where = f"{tr.keys[j]} ({tr.calls[j].get('type') or '?'})"
+            entry = _entry(tr, j, where, cls, "backward", g, tr.calls[j]["name"])
+            own_places[j] = entry
+            found.append((j, entry))
+        if all(g.get("grad_leaf_ok", {}).values()):
+            continue
+        users: list[int] = []
+        for path, ok in g.get("grad_leaf_ok", {}).items():
+            fp = None if ok else tr.outputs(i).get(path)
+            if fp is not None:
+                users += [j for j, _ in tr.in_index().get(fp, []) if j >= tr.sub_end[i]]
+        users = [j for j in users if rows[tr.keys[j]]["status"] != "only_ref" or j in own_places]
+        cls = "fp noise" if g.get("grad_noise") else None
+        glue = {e["module"] for _, e in found if e["class"] == "glue"}
+        if any(tr.calls[u]["name"] in glue for u in users):
+            continue  # read by a call whose own glue already differs: that region
+        if users:
+            j = _innermost(tr, sorted(set(users)))
+            if j in own_places:
+                own_places[j].setdefault("also", "backward")
+                continue
+            has_children = tr.sub_end[j] > j + 1
+            cls = cls or ("glue" if has_children else "code")
+            where = (
+                f"glue in {tr.keys[j]} (backward, reading {tr.keys[i]})"
+                if has_children
+                else f"{tr.keys[j]} ({tr.calls[j].get('type') or '?'})"
+            )
+            entry = _entry(tr, j, where, cls, "backward", g, tr.calls[j]["name"])
+            own_places[j] = entry
+            found.append((j, entry))
+        else:
+            parent = tr.calls[i].get("parent")
+            where = f"glue in {parent} after {tr.keys[i]}"
+            if any(e["where"] == where for _, e in found):
+                continue
+            found.append(
+                (
+                    i,
+                    _entry(
+                        tr, i, where, cls or "glue", "backward", g, parent or tr.calls[i]["name"]
+                    ),
+                )
+            )
+    found.sort(key=lambda x: x[0])
+    merged: list[dict[str, Any]] = []
+    for _, e in found:  # one entry per glue region of a parent, named by its first change
+        same = next(
+            (
+                m
+                for m in merged
+                if m["class"] == e["class"] == "glue" and m["module"] == e["module"]
+            ),
+            None,
+        )
+        if same is None:
+            merged.append(e)
+        elif same["direction"] != e["direction"]:
+            same["also"] = "backward"
+            same.setdefault("also_at", []).append(e["where"])
+            if e["direction"] == "forward":  # the forward change names the region
+                same.update(where=e["where"], name=e["name"], direction="forward")
+        elif " before " in e["where"] and " before " not in same["where"]:
+            same.setdefault("also_at", []).append(same["where"])
+            same.update(where=e["where"], name=e["name"])
+        else:
+            same.setdefault("also_at", []).append(e["where"])
+    return merged
+
+
+def _first(entries: list[dict[str, Any]], direction: str) -> dict[str, Any] | None:
+    for e in entries:
+        if e["class"] in ("code", "glue", "missing", "random algorithm") and (
+            e["direction"] == direction or e.get("also") == direction
+        ):
+            kind = "culprit" if e["class"] in ("code", "random algorithm") else e["class"]
+            return {"name": e["name"], "kind": kind, "module": e["module"], "where": e["where"]}
+    return None
+
+
+def analyse(
+    calls: list[dict[str, Any]],
+    out_rows: list[dict[str, Any]],
+    grad_rows: list[dict[str, Any]],
+    forced: bool = False,
+) -> dict[str, Any]:
+    """Forward and backward classification of the reference's calls (see module docstring),
+    and ``divergences``: every localised divergence in execution order. ``forced``: the
+    candidate was teacher-forced, so each call's difference is its own (see ``_forced``)."""
+    result: dict[str, Any] = {**empty(), "divergences": []}
     if not calls:
         return result
     tr = _Trace(calls)
     rows = {r["name"]: r for r in out_rows}
     grads = {r["name"]: r for r in grad_rows}
+    if forced:
+        entries = _forced(tr, rows, grads)
+        result["divergences"] = entries
+        result["forced"] = True
+        result["forward"]["calls"] = [e for e in entries if e["direction"] == "forward"]
+        result["backward"]["calls"] = [e for e in entries if e["direction"] == "backward"]
+        result["forward"]["first"] = _first(entries, "forward")
+        result["backward"]["first"] = _first(entries, "backward")
+        return result
     fwd = _forward(tr, rows)
     listed = []
     for i in range(len(calls)):
@@ -327,4 +577,5 @@ def analyse(
             "module": bfirst["module"],
             "where": bfirst["where"] + f" (gradient first differs at {bfirst['name']})",
         }
+    result["divergences"] = _free_list(tr, rows, result)
     return result
