@@ -1,5 +1,6 @@
 # One capture job per (framework, seed, step), each in its framework's own environment.
 # A job trains from scratch up to its step and saves that step only, so steps are independent jobs.
+# With `isolation:` the candidate's job starts from (and is forced by) the reference's step.
 
 
 for _fw, _spec in FRAMEWORKS.items():
@@ -13,6 +14,7 @@ for _fw, _spec in FRAMEWORKS.items():
             model_config=MODEL_CONFIG,
             data=list(MANIFESTS.values()),
             env=env_ready(_spec["env"]),
+            reference=isolation_inputs(_fw),
         output:
             capture_files(_fw),
         log:
@@ -31,7 +33,8 @@ for _fw, _spec in FRAMEWORKS.items():
             python=interpreter(_spec["env"]),
             overrides=capture_overrides(_fw),
             run_dir=lambda w, fw=_fw: f"results/capture/{fw}/seed_{w.seed}",
+            isolation=lambda w, fw=_fw: isolation_overrides(fw, w.seed, w.step),
         shell:
             "{params.python} {input.script} --config-path config --config-name nest_fast-conformer"
             " {params.overrides} output_dir={params.run_dir} seed={wildcards.seed}"
-            " save_steps={wildcards.step} threads={threads} > {log} 2>&1"
+            " save_steps={wildcards.step} threads={threads} {params.isolation} > {log} 2>&1"

@@ -96,6 +96,30 @@ def capture_overrides(framework):
     return " ".join(shlex.quote(item) for item in items)
 
 
+ISOLATION = config.get("isolation") or {}
+ISOLATED = ISOLATION.get("init") == "reference" or bool(ISOLATION.get("forcing"))
+
+
+def isolation_inputs(framework):
+    """The reference's step files that an isolated candidate capture starts from."""
+    if framework != CANDIDATE or not ISOLATED:
+        return []
+    return capture_files(REFERENCE)
+
+
+def isolation_overrides(framework, seed, step):
+    """init_from / force_from (and the name map) for an isolated candidate capture."""
+    if framework != CANDIDATE or not ISOLATED:
+        return ""
+    ref = step_dir(REFERENCE, seed, step)
+    items = [f"init_from={ref}"]
+    if ISOLATION.get("forcing"):
+        items.append(f"force_from={ref}")
+    if config.get("name_map"):
+        items.append(f"name_map={config['name_map']}")
+    return " ".join(shlex.quote(item) for item in items)
+
+
 def tolerance_option():
     """config["tolerance"] as an inline mapping for scripts/compare.py, or nothing."""
     tol = config.get("tolerance") or {}
