@@ -287,9 +287,7 @@ FORCED = {
     "eps": [("blocks.1.norm2#0 (LayerNorm)", "code", "forward")],
     "scale": [("glue in blocks.1.attn before blocks.1.attn.drop#0", "glue", "forward")],
     "transposed": [("blocks.0.attn.q#0 (Linear)", "code", "forward")],
-    "missing_dropout": [
-        ("blocks.1.ff.drop#0 (missing in candidate)", "random algorithm", "forward")
-    ],
+    "missing_dropout": [("blocks.1.ff.drop#0 (missing in candidate)", "missing", "forward")],
     "mask_off_by_one": [("glue in <root> before blocks.0#0", "glue", "forward")],
     "swap": [("glue in blocks.2 before blocks.2.norm1#0", "glue", "forward")],
     "drop_mask": [("glue in blocks.1 before blocks.1.attn#0", "glue", "forward")],

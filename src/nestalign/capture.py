@@ -124,7 +124,7 @@ class LayerRecorder:
         self._handles: list[Any] = []
         self._finished = 0
         self._root_forward = None
-        self._watched: dict[int, tuple[torch.Tensor, list[tuple]]] = {}
+        self._watched: dict[tuple[int, int], tuple[torch.Tensor, list[tuple]]] = {}
 
     # -- naming -------------------------------------------------------------------------------
     def _name_of(self, module: nn.Module) -> str:
@@ -205,9 +205,10 @@ class LayerRecorder:
         for i, t in enumerate(tensors):
             if not t.requires_grad:
                 continue
-            watched = self._watched.get(id(t))
+            key = (id(t), t._version)  # an in-place op makes a new value of the same object
+            watched = self._watched.get(key)
             if watched is None:
-                watched = self._watched[id(t)] = (t, [])
+                watched = self._watched[key] = (t, [])
                 t.register_hook(self._grad_hook(watched[1]))
             watched[1].append((entry, key, store, i))
 

@@ -82,12 +82,14 @@ def forced_values(ref: Any, cand: Any) -> dict[str, Any]:
     c = {p: v for p, v in leaves(cand)}
     pairs, _, _ = pair_leaves(r, c)
     out = {}
-    for rp, cp in pairs:
+    done: dict[int, torch.Tensor | None] = {}  # one replacement per tensor object: a tensor
+    for rp, cp in pairs:  # passed as query, key and value stays one tensor (one gradient)
         rv, cv = r[rp], c[cp]
         if isinstance(rv, torch.Tensor) and isinstance(cv, torch.Tensor):
-            value = graft(rv, cv)
-            if value is not None:
-                out[cp] = value
+            if id(cv) not in done:
+                done[id(cv)] = graft(rv, cv)
+            if done[id(cv)] is not None:
+                out[cp] = done[id(cv)]
         elif isinstance(rv, torch.Tensor) and cv is None:
             out[cp] = rv.clone()  # the candidate passes None where the reference passes a tensor
     return out

@@ -372,7 +372,7 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
             if gap:
                 m = gap[-1]
                 claimed_missing.add(m)
-                cls = "random algorithm" if rows[tr.keys[m]].get("rng_ref") else "missing"
+                cls = "missing"
                 where = f"{tr.keys[m]} (missing in candidate)"
                 own_places[m] = _entry(
                     tr, m, where, cls, "forward", row["in_worst"], tr.calls[m]["name"]
@@ -481,6 +481,11 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
                     ),
                 )
             )
+    # A forward own error also changes that call's backward, and the gradient it sends back
+    # can reach earlier calls through glue the forcing does not cut: backward findings before
+    # the last forward one are not listed (a documented limit).
+    last_forward = max((i for i, e in found if e["direction"] == "forward"), default=-1)
+    found = [(i, e) for i, e in found if e["direction"] == "forward" or i > last_forward]
     found.sort(key=lambda x: x[0])
     merged: list[dict[str, Any]] = []
     for _, e in found:  # one entry per glue region of a parent, named by its first change

@@ -1,0 +1,186 @@
+"""Localisation on ports we did not write: real captures of mutant nest ports (tests/mutants.py,
+runtime patches of nest_ssl) against the plain port, through the capture library, the capture keys
+init_from / force_from and the compare.
+
+- each code mutant alone, starting from the reference's initial state: the first culprit is that
+  mutation, by name;
+- each code mutant alone, teacher-forced: the one divergence listed is that mutation, with its
+  class; all code mutants together, forced: each listed once, in execution order, nothing else;
+- init mutants without init_from: "init differs" names the first differing weight;
+- the arithmetic-neutral mutants, alone and together: PASS, with notes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mutants import MUTANTS, applied, code_mutants, combined_name_map, neutral_mutants
+from nestalign.compare import compare_steps, load_tolerances
+from nestalign.dummy_data import make_data
+from nestalign.namemap import NameMap
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+EXACT = {"atol": 0.0, "rtol": 0.0}  # forced runs: every own difference counts, fp noise too
+INIT = {"init_skip_throwaway", "init_attention_before_conv"}
+# the class a forced run gives each code mutant (where the mutant's own words differ: a glue
+# region that draws random numbers the reference does not is "random algorithm"; sub-blocks in
+# another order are glue of their parent)
+CLASS = {
+    "extra_dropout": "random algorithm",
+    "conv_before_attention": "glue",
+    "length_off_by_one": "glue",  # the length is computed in pre_encode's own code
+}
+
+
+def _capture(out: Path, data: Path, names: list[str], *keys: str) -> Path:
+    """One tiny nest capture (seed 42, step 0) built under the mutants, in this process."""
+    from nest_ssl.training import NestPretraining
+    from nestalign.runner import capture_main
+
+    argv = [
+        "--config-path",
+        str(ROOT / "config"),
+        "--config-name",
+        "nest_fast-conformer",
+        f"model.train_ds.manifest_filepath={data}/train_manifest.json",
+        f"model.train_ds.noise_manifest={data}/noise_manifest.json",
+        f"model.validation_ds.manifest_filepath={data}/val_manifest.json",
+        *TINY["model_overrides"],
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.enable_progress_bar=false",
+        f"output_dir={out}",
+        "seed=42",
+        "save_steps=0",
+        "threads=1",
+        *keys,
+    ]
+    with applied(names):
+        assert (
+            capture_main(argv, "nest", lambda cfg, tr: NestPretraining(cfg=cfg, trainer=tr), "t")
+            == 0
+        )
+    return out / "step_0"
+
+
+def _name_map(names: list[str], tmp: Path) -> tuple[NameMap | None, list[str]]:
+    rules = combined_name_map(names)
+    if not rules:
+        return None, []
+    path = tmp / "name_map.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return NameMap.load(path), [f"name_map={path}"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    make_data(TINY["data"], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    return _capture(tmp_path_factory.mktemp("ref"), data, [])
+
+
+def _matches(entry: dict, mutant) -> bool:
+    expected = mutant.expected
+    return (
+        entry["where"] == expected
+        or entry["where"].startswith(expected + " (")
+        or entry["module"] == expected
+        or entry["name"] == expected
+    )
+
+
+def _run(tmp: Path, data: Path, reference: Path, names: list[str], forced: bool, tols: dict):
+    nmap, keys = _name_map(names, tmp)
+    keys.append(f"init_from={reference}")
+    if forced:
+        keys.append(f"force_from={reference}")
+    cand = _capture(tmp / "cand", data, names, *keys)
+    return compare_steps(reference, cand, load_tolerances(**tols), nmap)
+
+
+FORCED_CODE = [n for n in code_mutants() if n not in INIT]
+# Known limits of the forced localisation, kept visible (strict xfail: a fix makes them fail)
+LIMITS = {
+    "conv_before_attention": "sub-blocks in another order: the shared dropout's later calls "
+    "are also listed (random algorithm) although their own code is the same",
+    "pos_emb_expand": "gradient fp noise at exact tolerance is classed glue in self_attn, "
+    "not fp noise at linear_pos",
+    "fused_qkv": "the fused GEMM's gradient fp noise is listed at every earlier call",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=LIMITS[n]))
+        if n in LIMITS
+        else n
+        for n in FORCED_CODE
+    ],
+)
+def test_forced_run_names_each_code_mutant_alone(tmp_path, data, reference, name):
+    mutant = MUTANTS[name]
+    result = _run(tmp_path, data, reference, [name], forced=True, tols=EXACT)
+    got = [(e["where"], e["class"]) for e in result["divergences"]]
+    assert len(got) == 1 and _matches(result["divergences"][0], mutant), (name, got)
+    assert got[0][1] == CLASS.get(name, mutant.expected_class), (name, got)
+
+
+def test_forced_run_lists_every_code_mutant_once(tmp_path, data, reference):
+    names = [n for n in FORCED_CODE if MUTANTS[n].expected_class != "fp noise" and n not in LIMITS]
+    result = _run(tmp_path, data, reference, names, forced=True, tols=EXACT)
+    entries = [e for e in result["divergences"] if e["class"] != "fp noise"]
+    found = []
+    for e in entries:
+        hits = [n for n in names if _matches(e, MUTANTS[n])]
+        assert hits, f"false entry {e['where']} ({e['class']})"
+        found += hits
+    assert sorted(found) == sorted(names), [e["where"] for e in entries]
+    order = [e["name"] for e in entries]
+    starts = {r["name"]: r.get("start") for r in result["categories"]["layers"]["rows"]}
+    assert [starts[n] for n in order] == sorted(starts[n] for n in order)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in FORCED_CODE if MUTANTS[n].expected_class not in ("fp noise",)]
+)
+def test_free_run_first_culprit_is_the_mutant(tmp_path, data, reference, name):
+    mutant = MUTANTS[name]
+    result = _run(
+        tmp_path, data, reference, [name], forced=False, tols={"atol": 1e-5, "rtol": 1e-5}
+    )
+    assert result["verdict"] == "fail"
+    first = result["divergence"]["forward"]["first"] or result["divergence"]["backward"]["first"]
+    assert first is not None and _matches(first, mutant), (name, first)
+
+
+@pytest.mark.parametrize("name", sorted(INIT))
+def test_init_mutant_is_reported_as_init(tmp_path, data, reference, name):
+    cand = _capture(tmp_path / "cand", data, [name])
+    result = compare_steps(reference, cand, load_tolerances(atol=1e-5, rtol=1e-5))
+    init = [e for e in result["divergences"] if e["class"] == "init"]
+    assert init and MUTANTS[name].expected in init[0]["where"], result["divergences"][:3]
+    forced = _run(tmp_path / "forced", data, reference, [name], forced=True, tols=EXACT)
+    assert forced["verdict"] == "pass", forced["divergences"]
+
+
+@pytest.mark.parametrize("names", [[n] for n in neutral_mutants()] + [neutral_mutants()])
+def test_neutral_mutants_pass_with_notes(tmp_path, data, reference, names):
+    result = _run(tmp_path, data, reference, names, forced=False, tols={"atol": 1e-5, "rtol": 1e-5})
+    assert result["verdict"] == "pass", (names, result["divergences"], result.get("errors"))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
