@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,21 +56,32 @@ def _missing(name: str, side: str) -> dict[str, Any]:
 
 
 def _pairs(
-    ref: dict[str, Any], cand: dict[str, Any], atol: float | None, rtol: float | None
+    ref: dict[str, Any],
+    cand: dict[str, Any],
+    atol: float | None,
+    rtol: float | None,
+    atol_of: Callable[[float | None, Any], float | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for every name on either side, reference order first."""
+    """Rows for every name on either side, reference order first. ``atol_of(atol, ref_value)``
+    gives a tensor's own atol (gradients: scaled with the reference's size)."""
     rows = []
     for name, value in ref.items():
         if name in cand:
-            rows.append(_row(name, compare_tensors(value, cand[name], atol, rtol)))
+            a = atol_of(atol, value) if atol_of is not None else atol
+            rows.append(_row(name, compare_tensors(value, cand[name], a, rtol)))
         else:
             rows.append(_missing(name, "only_ref"))
     rows += [_missing(n, "only_cand") for n in cand if n not in ref]
     return rows
 
 
+MATCHED = ("pass", "noise", "layout")  # layout: equal after a permutation or broadcast
+FAILED = ("fail", "only_ref", "only_cand")
+NOTED = ("layout", "note")  # listed as notes; "note" rows neither match nor fail
+
+
 def _summarise(rows: list[dict[str, Any]], ignored: list[str] | None = None) -> dict[str, Any]:
-    matched = [r for r in rows if r["status"] in ("pass", "noise")]
+    matched = [r for r in rows if r["status"] in MATCHED]
     compared = [r for r in rows if r["status"] in ("pass", "fail")]
     worst: dict[str, Any] = {}
     for key, pick in (("max_abs", max), ("max_rel", max), ("max_ulp", max)):
@@ -86,11 +98,16 @@ def _summarise(rows: list[dict[str, Any]], ignored: list[str] | None = None) -> 
     return {
         "matched": len(matched),
         "total": len(rows),
-        "failed": sum(r["status"] not in ("pass", "noise") for r in rows),
+        "failed": sum(r["status"] in FAILED for r in rows),
         "noise": [r["name"] for r in rows if r["status"] == "noise"],
         "only_ref": [r["name"] for r in rows if r["status"] == "only_ref"],
         "only_cand": [r["name"] for r in rows if r["status"] == "only_cand"],
         "ignored": list(ignored or []),
+        "notes": [
+            {"name": r["name"], "reason": r.get("reason") or r["status"]}
+            for r in rows
+            if r["status"] in NOTED
+        ],
         "worst": worst,
         "rows": rows,
         "error": None,
