@@ -205,10 +205,10 @@ class LayerRecorder:
         for i, t in enumerate(tensors):
             if not t.requires_grad:
                 continue
-            key = (id(t), t._version)  # an in-place op makes a new value of the same object
-            watched = self._watched.get(key)
+            slot = (id(t), t._version)  # an in-place op makes a new value of the same object
+            watched = self._watched.get(slot)
             if watched is None:
-                watched = self._watched[key] = (t, [])
+                watched = self._watched[slot] = (t, [])
                 t.register_hook(self._grad_hook(watched[1]))
             watched[1].append((entry, key, store, i))
 
