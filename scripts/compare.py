@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name-map", help="YAML: candidate -> reference name rules")
     parser.add_argument("--out", required=True, help="result pickle to write")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="compare even when metadata.json of the two sides disagree (seed, step, threads, "
+        "device, deterministic flags, torch, config_sha256); the difference becomes a note",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         name_map = NameMap.load(args.name_map) if args.name_map else None
     except (ToleranceError, NameMapError) as exc:
         parser.error(str(exc))
-    result = compare_steps(args.ref, args.cand, tols, name_map)
+    result = compare_steps(args.ref, args.cand, tols, name_map, force=args.force)
     save_result(result, args.out)
     print("\n".join(verdict_lines(result)))
     return 1 if args.strict and result["verdict"] != "pass" else 0

@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerances", help="YAML with per-category tolerances")
     parser.add_argument("--name-map", help="YAML: nest -> NeMo name rules")
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="compare even when metadata.json of the two sides disagree (seed, step, threads, "
+        "device, deterministic flags, torch, config_sha256); the difference becomes a note",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="load .pkl files of the original tool (runs code: trusted files only)",
@@ -72,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     ref = step_dir(Path(args.nemo_output_dir), args.step)
     cand = step_dir(Path(args.nest_output_dir), args.step)
-    result = compare_steps(ref, cand, tols, name_map, allow_pickle=args.allow_pickle)
+    result = compare_steps(
+        ref, cand, tols, name_map, allow_pickle=args.allow_pickle, force=args.force
+    )
     print("\n".join(seed_sections(result)))
     print("\n" + "\n".join(verdict_lines(result)))
     if args.save_comparison:

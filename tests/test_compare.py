@@ -42,7 +42,10 @@ def _edit(step: Path, name: str, fn) -> None:
 def test_identical_steps_pass_with_every_category(pair):
     result = compare_steps(*pair, TOLS)
     assert result["verdict"] == "pass" and not result["errors"]
-    assert set(result["categories"]) == set(CATEGORIES)
+    assert set(result["categories"]) == set(CATEGORIES) - {"init"}  # no initial_weights.pt
+    assert result["notes"] == [
+        {"category": "init", "name": "initial state", "reason": "no initial state captured"}
+    ]
     assert (result["reference"], result["seed"], result["step"]) == ("reference", 7, 0)
     assert result["losses"]["reference"] == result["losses"]["candidate"]
     layers = result["categories"]["layers"]
@@ -84,9 +87,10 @@ def test_extra_call_and_shape_mismatch(pair, tmp_path):
     _edit(cand, art.LAYERS, change)
     result = compare_steps(pair[0], cand, TOLS)
     layers = result["categories"]["layers"]
-    assert layers["only_cand"] == ["probe#0"]
+    # a call on one side only that changes nothing downstream is a note, not a failure
+    assert [n["name"] for n in layers["notes"]] == ["probe#0"] and layers["only_cand"] == []
     bad = next(r for r in layers["rows"] if r["name"] == "out#0")
-    assert bad["status"] == "fail" and "shape" in bad["reason"]
+    assert bad["status"] == "fail" and bad["reason"]
     assert result["divergence"]["forward"]["first"]["name"] == "out#0"
 
 
@@ -146,7 +150,7 @@ def test_renamed_modules_without_and_with_a_name_map(pair, tmp_path):
     grads = result["categories"]["grads"]
     assert "blocks.0.attn.q.weight" in grads["only_ref"]
     assert "layers.0.attn.q.weight" in grads["only_cand"]
-    assert "layers.0#0" in result["categories"]["layers"]["only_cand"]
+    assert "layers.0#0" in [n["name"] for n in result["categories"]["layers"]["notes"]]
     nmap = NameMap(regex=[(r"layers\.(\d+)", r"blocks.\1")])
     result = compare_steps(pair[0], cand, TOLS, nmap)
     assert result["verdict"] == "pass", result["errors"]

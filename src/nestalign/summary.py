@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from nestalign.compare import CATEGORIES, FORMAT
+from nestalign.compare.verdict import failing_items
+
+VERDICTS = {"pass": "PASS", "fail": "FAIL", "nonfinite": "NONFINITE"}  # anything else: ERROR
+FAILING_LISTED = 3
 
 DRIFT_CATEGORIES = ("loss", "grads", "weights")
 
@@ -74,14 +78,18 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "step": r.get("step"),
             "reference": r.get("reference"),
             "candidate": r.get("candidate"),
-            "verdict": {"pass": "PASS", "fail": "FAIL"}.get(r["verdict"], "ERROR"),
+            "verdict": VERDICTS.get(r["verdict"], "ERROR"),
             "loss_ref": r["losses"].get("reference"),
             "loss_cand": r["losses"].get("candidate"),
         }
         for cat in CATEGORIES:
             c = cats.get(cat) or {}
             row[f"{cat}_matched"] = (
-                "error" if c.get("error") else f"{c.get('matched', 0)}/{c.get('total', 0)}"
+                None  # not compared (no initial state captured, or no comparison at all)
+                if cat not in cats
+                else "error"
+                if c.get("error")
+                else f"{c.get('matched', 0)}/{c.get('total', 0)}"
             )
             if cat != "structure":
                 row[f"{cat}_max_rel"] = _worst_rel(r, cat)
@@ -93,6 +101,15 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev = previous.get(row["seed"])
         for cat in DRIFT_CATEGORIES:
             row[f"drift_{cat}"] = _growth(prev and prev[f"{cat}_max_rel"], row[f"{cat}_max_rel"])
+        row["notes"] = len(r.get("notes") or [])
+        failing = failing_items(r) if cats else []
+        row["failing"] = "; ".join(
+            f"{cat}:{name} ({reason})" for cat, name, reason in failing[:FAILING_LISTED]
+        ) + (
+            f"; ... and {len(failing) - FAILING_LISTED} more"
+            if len(failing) > FAILING_LISTED
+            else ""
+        )
         row["errors"] = [f"[{e['category']}] {e['error']}" for e in r.get("errors", [])]
         previous[row["seed"]] = row
         out.append(row)
@@ -131,6 +148,7 @@ MD_COLUMNS = (
     ("seed", "seed"),
     ("step", "step"),
     ("verdict", "verdict"),
+    ("notes", "notes"),
     ("loss_ref", "loss ref"),
     ("loss_cand", "loss cand"),
     ("forward_max_rel", "fwd rel"),
@@ -145,6 +163,7 @@ MD_COLUMNS = (
     ("first_forward", "first culprit (forward)"),
     ("first_backward", "first culprit (backward)"),
     ("drift", "drift loss/grads/weights"),
+    ("failing", "failing"),
 )
 
 

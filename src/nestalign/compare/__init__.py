@@ -4,17 +4,22 @@ Modules: reader (a step directory), tolerances, rows, categories, layers (module
 divergence (culprits), step (one step), verdict (terminal lines, pickle), legacy (original
 tool's sections).
 
-``compare_steps(ref_dir, cand_dir, tolerances, name_map=None)`` returns a plain dict (builtins
-only, safe to pickle and to load with a restricted unpickler):
+``compare_steps(ref_dir, cand_dir, tolerances, name_map=None, allow_pickle=False, force=False)``
+returns a plain dict (builtins only, safe to pickle and to load with a restricted unpickler):
 
-    format, reference, candidate, seed, step, verdict ("pass" | "fail" | "error"), errors,
+    format, reference, candidate, seed, step,
+    verdict ("pass" | "fail" | "nonfinite" | "error"), errors, notes [{category, name, reason}],
     losses {reference, candidate}, tolerances, name_map,
-    categories {structure, batch, forward, loss, grads, weights, layers, layer_grads}:
-        matched, total, failed, noise, only_ref, only_cand, ignored, worst, rows, error
-    divergence {forward, backward}: classes per call and the first culprit (nestalign.compare.divergence)
+    init {differs, total, first, reason} (None without initial_weights.pt), nonfinite,
+    categories {structure, init, batch, forward, loss, grads, weights, layers, layer_grads}:
+        matched, total, failed, noise, only_ref, only_cand, ignored, notes, worst, rows, error
+    divergence {forward, backward}: classes per call and the first culprit (see .divergence)
+    divergences [{where, class, direction, name, module, max_abs, max_rel}]
 
-Artifacts are loaded one pair at a time, memory-mapped, with ``weights_only=True``. A missing or
-damaged artifact becomes an entry in ``errors`` (verdict "error") naming the file.
+metadata.json of both sides is cross-checked first (step.METADATA_KEYS); a difference is an
+error unless ``force``. Artifacts are loaded one pair at a time, memory-mapped, with
+``weights_only=True``. A missing or damaged artifact becomes an entry in ``errors`` (verdict
+"error") naming the file.
 """
 
 from nestalign.compare.legacy import seed_sections

@@ -6,18 +6,25 @@ from typing import Any
 
 import torch
 
+from nestalign import artifacts as art
 from nestalign.compare.divergence import leaves
 from nestalign.compare.reader import StepSource
-from nestalign.compare.rows import _drop_ignored, _mapped, _missing, _pairs, _summarise
-from nestalign.compare.tolerances import _tol
+from nestalign.compare.rows import MATCHED, _drop_ignored, _missing, _pairs, _summarise
+from nestalign.compare.tolerances import _tol, gradient_atol, grads_scaled
 from nestalign.namemap import NameMap
+
+INIT_WEIGHTS = getattr(art, "INITIAL_WEIGHTS", "initial_weights.pt")
 
 
 def _structure(ref: StepSource, cand: StepSource, name_map: NameMap) -> dict[str, Any]:
-    r_entries = {e["name"]: e for e in ref.structure().get("entries", [])}
-    c_entries, origin = _mapped(
-        {e["name"]: e for e in cand.structure().get("entries", [])}, name_map
-    )
+    ref_struct, cand_struct = ref.structure(), cand.structure()
+    r_entries = {e["name"]: e for e in ref_struct.get("entries", [])}
+    c_entries: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for e in cand_struct.get("entries", []):
+        for ref_name, shape in name_map.map_shape(e["name"], e.get("shape") or []):
+            c_entries[ref_name] = {**e, "shape": shape} if "shape" in e else dict(e)
+            origin[ref_name] = e["name"]
     ignored: list[str] = []
     r_entries = _drop_ignored(r_entries, name_map, ignored)
     c_entries = _drop_ignored(c_entries, name_map, ignored)
@@ -57,31 +64,65 @@ def _structure(ref: StepSource, cand: StepSource, name_map: NameMap) -> dict[str
         if first is None
         else {"index": first, "ref": common_ref[first], "cand": common_cand[first]}
     )
+    out["modules"] = _module_types(ref_struct, cand_struct, name_map)
     return out
+
+
+def _module_types(ref_struct: dict, cand_struct: dict, name_map: NameMap) -> dict[str, Any]:
+    """Module types by (mapped) module name: differences and modules present on one side only."""
+    r = {m["name"]: m.get("type") for m in ref_struct.get("modules") or [] if "name" in m}
+    c = {}
+    for m in cand_struct.get("modules") or []:
+        if "name" in m:
+            c[m["name"] if m["name"] == "<root>" else name_map.map(m["name"])] = m.get("type")
+    r = {n: t for n, t in r.items() if not name_map.ignored(n)}
+    c = {n: t for n, t in c.items() if not name_map.ignored(n)}
+    return {
+        "compared": bool(r and c),
+        "type_differences": [
+            {"name": n, "ref": t, "cand": c[n]} for n, t in r.items() if n in c and c[n] != t
+        ]
+        if r and c
+        else [],
+        "only_ref": [n for n in r if n not in c] if r and c else [],
+        "only_cand": [n for n in c if n not in r] if r and c else [],
+    }
 
 
 def _dict_category(
     ref: Any, cand: Any, tols: dict, category: str, name_map: NameMap | None
 ) -> dict[str, Any]:
+    """Rows of a dict-like artifact; with a name map (state_dict-like items: grads, weights,
+    init) the candidate's names and tensors go through it, transforms included."""
     ref_items = dict(leaves(ref)) if not isinstance(ref, torch.Tensor) else {category: ref}
     cand_items = dict(leaves(cand)) if not isinstance(cand, torch.Tensor) else {category: cand}
     ignored: list[str] = []
     origin: dict[str, str] = {}
     if name_map is not None:
-        cand_items, origin = _mapped(cand_items, name_map)
+        cand_items, origin = name_map.map_state(cand_items)
         ref_items = _drop_ignored(ref_items, name_map, ignored)
         cand_items = _drop_ignored(cand_items, name_map, ignored)
     atol, rtol = _tol(tols, category)
-    rows = _pairs(ref_items, cand_items, atol, rtol)
+    atol_of = gradient_atol if category == "grads" and grads_scaled(tols) else None
+    rows = _pairs(ref_items, cand_items, atol, rtol, atol_of)
     for row in rows:
         if origin.get(row["name"], row["name"]) != row["name"]:
             row["cand_name"] = origin[row["name"]]
     return _summarise(rows, ignored)
 
 
-def _mark_noise(grads: dict[str, Any], weights: dict[str, Any] | None, factor: float) -> None:
-    """Failing gradients far below their module's scale are rounding noise, and so are the
-    weight updates Adam made from them."""
+def _mark_noise(
+    grads: dict[str, Any],
+    weights: dict[str, Any] | None,
+    factor: float,
+    init: dict[str, Any] | None = None,
+    step: Any = None,
+    lr: Any = None,
+) -> None:
+    """Failing gradients far below their module's scale are rounding noise. A weight updated
+    from such a gradient is noise too, but only if the update can explain its difference: its
+    initial weight matched (when ``init``, the init category, was captured) and it differs by
+    at most ``update_bound(step, lr)``."""
     rows = grads["rows"]
     by_module: dict[str, list[float]] = {}
     for r in rows:
@@ -107,8 +148,28 @@ def _mark_noise(grads: dict[str, Any], weights: dict[str, Any] | None, factor: f
             r["reason"] = f"gradient at noise level ({r['scale']:.3g} vs scale {ref_scale:.3g})"
             noisy.add(r["name"])
     if weights is not None:
+        init_rows = {r["name"]: r for r in init["rows"]} if init is not None else None
+        bound, lr_max = update_bound(step, lr)
         for r in weights["rows"]:
-            if r["status"] == "fail" and r["name"] in noisy:
+            if r["status"] != "fail" or r["name"] not in noisy:
+                continue
+            why = []
+            big = isinstance(r.get("max_abs"), (int, float)) and not r["max_abs"] <= (bound or 0)
+            if bound is not None and big:
+                steps = int(step) + 1
+                n = "one step" if steps == 1 else f"{steps} steps"
+                why.append(
+                    f"differs by {r['max_abs']:.3g}, more than {n} of lr {lr_max:.3g} can move it"
+                )
+            if init_rows is not None:
+                first = init_rows.get(r["name"])
+                if first is None or first["status"] not in MATCHED:
+                    why.append(
+                        "initial weights differ" if first is not None else "no initial weight"
+                    )
+            if why:
+                r["reason"] = "; ".join(why) + "; " + r.get("reason", "")
+            else:
                 r["status"] = "noise"
                 r["reason"] = "updated from a gradient at noise level; " + r.get("reason", "")
     for cat in (grads, weights):
@@ -116,3 +177,36 @@ def _mark_noise(grads: dict[str, Any], weights: dict[str, Any] | None, factor: f
             cat.update(
                 {k: v for k, v in _summarise(cat["rows"], cat["ignored"]).items() if k != "rows"}
             )
+
+
+UPDATE_FACTOR = 4.0  # a weight may move by this many learning rates per step (Adam: ~1)
+
+
+def update_bound(step: Any, lr: Any) -> tuple[float | None, float | None]:
+    """(``UPDATE_FACTOR * (step + 1) * max(lr)``, max(lr)): how far the optimizer can have
+    moved a weight by the end of ``step``; (None, None) when step or lr is unknown."""
+    lrs = lr if isinstance(lr, (list, tuple)) else [lr]
+    lrs = [float(x) for x in lrs if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if not lrs or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, None
+    return UPDATE_FACTOR * (step + 1) * max(lrs), max(lrs)
+
+
+def _init_category(
+    ref: StepSource, cand: StepSource, tols: dict, name_map: NameMap
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The initial state (INIT_WEIGHTS) of both sides through the name map, or (None, why)
+    when a side did not capture it."""
+    absent = [
+        side for side, src in (("reference", ref), ("candidate", cand)) if not src.has(INIT_WEIGHTS)
+    ]
+    if absent:
+        return None, "no initial state captured" + (
+            f" in the {absent[0]}" if len(absent) == 1 else ""
+        )
+    r = ref.tensors(INIT_WEIGHTS)
+    c = cand.tensors(INIT_WEIGHTS)
+    for obj, src in ((r, ref), (c, cand)):
+        if not isinstance(obj, dict):
+            raise art.ArtifactError(f"{src.path / INIT_WEIGHTS}: expected a dict of name -> tensor")
+    return _dict_category(r, c, tols, "init", name_map), None

@@ -25,6 +25,10 @@ class StepSource:
             self.path / art.LAYERS
         ).exists()
 
+    def has(self, name: str) -> bool:
+        """Whether the artifact file ``name`` exists in this step directory."""
+        return (self.path / name).is_file()
+
     def metadata(self) -> dict[str, Any]:
         if (self.path / art.METADATA).exists():
             return art.load_json(self.path / art.METADATA)
