@@ -5,6 +5,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from nestalign.compare.rows import FAILED
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; "-" when there is none (shapes differ, say)."""
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
 
 def seed_sections(result: dict[str, Any], limit: int = 10) -> list[str]:
     """The five sections of the original comparison tool: counts, match rates, mismatches."""
@@ -28,13 +39,14 @@ def seed_sections(result: dict[str, Any], limit: int = 10) -> list[str]:
         )
         if c.get("noise"):
             lines.append(f"  at noise level: {len(c['noise'])}")
-        bad = [r for r in c.get("rows", []) if r["status"] not in ("pass", "noise")]
+        bad = [r for r in c.get("rows", []) if r["status"] in FAILED]
         for r in bad[:limit]:
             lines.append(f"  Mismatch: {r['name']}: {r.get('reason', '')}")
-            if isinstance(r.get("max_abs"), float) and not math.isnan(r["max_abs"]):
+            if _finite(r.get("max_abs")):
                 lines.append(
-                    f"    max abs {r['max_abs']:.3e}  max rel {r.get('max_rel', math.nan):.3e}"
-                    f"  cosine {r.get('cosine', math.nan):.8f}"
+                    f"    max abs {_num(r.get('max_abs'), '.3e')}"
+                    f"  max rel {_num(r.get('max_rel'), '.3e')}"
+                    f"  cosine {_num(r.get('cosine'), '.8f')}"
                 )
         if len(bad) > limit:
             lines.append(f"  ... and {len(bad) - limit} more")
