@@ -1,14 +1,29 @@
 """Build a plain venv from a conda env file's `pip:` list (the workflow's fallback without conda).
 
-    python scripts/build_venv.py envs/nemo.yaml .venvs/nemo
+    python scripts/build_venv.py envs/nemo.yaml .venvs/nemo [--variant cpu|cuda] [--lock LOCK]
 
-The venv is rebuilt from scratch, torch first (its pinned CPU wheel), then the rest, and a
-`.built` marker holding the spec's hash and `pip freeze` is written last: a failed build leaves
-no marker, so the next run tries again.
+The venv is rebuilt from scratch: torch first, in the requested build, then the rest, then this
+project itself (editable, without dependencies), so that `python -m nest_ssl.train` and
+`import nestalign` work in it without PYTHONPATH. A `.built` marker holding the spec's hash and
+`pip freeze` is written last: a failed build leaves no marker, so the next run tries again.
+
+Torch builds: `cpu` installs `torch==X+cpu` from PyTorch's CPU index (TORCH_CPU_INDEX, given to
+pip as an extra index), `cuda` installs `torch==X` from PyPI, which is the CUDA build (the
+nvidia-* wheels come with it).
+
+With --lock (envs/locks/<env>-<variant>.txt, written by `--freeze`), every package is installed
+at the locked version with `--no-deps`: the same venv on every machine. Without it, pip resolves
+the spec's pins and whatever they leave open.
+
+    python scripts/build_venv.py --freeze .venvs/nemo envs/locks/nemo-cpu.txt
 """
+
+from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +31,10 @@ import venv
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_CPU_INDEX = os.environ.get("TORCH_CPU_INDEX", "https://download.pytorch.org/whl/cpu")
+PROJECT = "nest-align"
 
 
 def pip_requirements(spec: Path) -> list[str]:
@@ -26,34 +45,92 @@ def pip_requirements(spec: Path) -> list[str]:
     raise SystemExit(f"{spec}: no `pip:` list under dependencies")
 
 
+def lock_requirements(lock: Path) -> list[str]:
+    lines = [line.split("#", 1)[0].strip() for line in lock.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+def req_name(req: str) -> str:
+    return re.split(r"[=<>!~\[; ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def torch_requirement(req: str, variant: str) -> tuple[str, list[str]]:
+    """The torch pin in the requested build, and the pip options that find it."""
+    base = req.split("+", 1)[0]
+    if variant == "cpu":
+        if "==" not in base:
+            raise SystemExit(f"{req}: the cpu variant needs an exact torch pin (torch==X)")
+        return f"{base}+cpu", ["--extra-index-url", TORCH_CPU_INDEX]
+    return base, []
+
+
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("spec", type=Path, help="conda env file (envs/<name>.yaml)")
-    parser.add_argument("target", type=Path, help="venv folder to (re)create")
-    args = parser.parse_args()
-    reqs = pip_requirements(args.spec)
-    if args.target.exists():
-        shutil.rmtree(args.target)
-    venv.EnvBuilder(with_pip=True, clear=True).create(args.target)
-    pip = [str(args.target / "bin" / "python"), "-m", "pip", "install", "--no-input"]
-    first = [r for r in reqs if r.split("==")[0].strip() == "torch"]
-    if first:  # the pinned CPU build first, so that nothing pulls a CUDA build
-        run(pip + first)
-    run(pip + [r for r in reqs if r not in first])
-    freeze = subprocess.run(
-        [str(args.target / "bin" / "python"), "-m", "pip", "freeze"],
+def freeze(python: Path) -> str:
+    return subprocess.run(
+        [str(python), "-m", "pip", "freeze", "--exclude-editable"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    digest = hashlib.sha256(args.spec.read_bytes()).hexdigest()
-    (args.target / ".built").write_text(f"# {args.spec} sha256 {digest}\n{freeze}")
-    print(f"built {args.target} from {args.spec}", file=sys.stderr)
+
+
+def write_lock(venv_dir: Path, lock: Path) -> None:
+    """Every package of a built venv at its exact version, this project left out."""
+    python = venv_dir / "bin" / "python"
+    lines = [
+        line
+        for line in freeze(python).splitlines()
+        if line and not line.startswith("-e ") and req_name(line) != PROJECT
+    ]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# pip freeze of {venv_dir} (scripts/build_venv.py --freeze); `make locks` rewrites\n"
+    lock.write_text(header + "\n".join(sorted(lines, key=str.lower)) + "\n")
+    print(f"wrote {lock} ({len(lines)} packages)", file=sys.stderr)
+
+
+def build(spec: Path, target: Path, variant: str, lock: Path | None) -> None:
+    reqs = lock_requirements(lock) if lock else pip_requirements(spec)
+    if target.exists():
+        shutil.rmtree(target)
+    venv.EnvBuilder(with_pip=True, clear=True).create(target)
+    python = target / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--no-input"]
+    torch = [r for r in reqs if req_name(r) == "torch"]
+    rest = [r for r in reqs if req_name(r) != "torch"]
+    if torch:  # first and alone (its index for torch only), so that nothing else picks the build
+        pin, options = torch_requirement(torch[0], variant)
+        run(pip + ["--no-deps"] + options + [pin])
+        rest = [pin, *rest]  # installed: pip resolves torch's own dependencies from PyPI
+    run(pip + (["--no-deps"] if lock else []) + rest)
+    run(pip + ["--no-deps", "--editable", str(ROOT)])
+    digest = hashlib.sha256(spec.read_bytes() + (lock.read_bytes() if lock else b"")).hexdigest()
+    source = f"{spec} + {lock}" if lock else str(spec)
+    (target / ".built").write_text(f"# {source} ({variant}) sha256 {digest}\n{freeze(python)}")
+    print(f"built {target} from {source} ({variant})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("spec", type=Path, help="conda env file (envs/<name>.yaml)")
+    parser.add_argument("target", type=Path, help="venv folder to (re)create")
+    parser.add_argument("--variant", choices=("cpu", "cuda"), default="cpu", help="torch build")
+    parser.add_argument("--lock", type=Path, help="install exactly this lock (envs/locks/...)")
+    parser.add_argument(
+        "--freeze",
+        action="store_true",
+        help="instead of building: write the lock TARGET from the built venv SPEC",
+    )
+    args = parser.parse_args(argv)
+    if args.freeze:
+        write_lock(args.spec, args.target)
+    else:
+        build(args.spec, args.target, args.variant, args.lock)
     return 0
 
 
