@@ -19,6 +19,11 @@ include: "rules/capture.smk"
 include: "rules/compare.smk"
 
 
+# The light jobs (env builds, data, summary, report) run where Snakemake runs, also on a cluster.
+localrules:
+    all,
+
+
 rule all:
     default_target: True
     input:

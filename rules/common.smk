@@ -34,7 +34,30 @@ CAPTURE_FILES = (
     "initial_weights.pt",
     "initial_rng.pt",
 )
-LIBRARY = sorted(str(p) for p in Path("src/nestalign").rglob("*.py"))
+# What each side imports of the library (tests/test_triggers.py checks these against the imports):
+# an edit reruns only the jobs that run that code.
+CAPTURE_LIBRARY = [
+    f"src/nestalign/{name}.py"
+    for name in (
+        "__init__",
+        "align",
+        "artifacts",
+        "callback",
+        "capture",
+        "forcing",
+        "manifests",
+        "namemap",
+        "runner",
+        "state",
+    )
+]
+COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.py")) + [
+    f"src/nestalign/{name}.py"
+    for name in ("__init__", "align", "artifacts", "metrics", "namemap")
+]
+SUMMARY_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/summary.py"]
+REPORT_LIBRARY = SUMMARY_LIBRARY + ["src/nestalign/report.py"]
+DATA_LIBRARY = ["src/nestalign/dummy_data.py"]
 
 
 def step_dir(framework, seed, step):
@@ -46,6 +69,9 @@ def capture_files(framework, seed="{seed}", step="{step}"):
 
 
 def all_captures():
+    """Every capture file, or nothing with keep_captures: false (the comparisons pull them in)."""
+    if not KEEP_CAPTURES:
+        return []
     return [
         path
         for framework in (REFERENCE, CANDIDATE)
@@ -53,6 +79,15 @@ def all_captures():
         for step in config["steps"]
         for path in capture_files(framework, seed, step)
     ]
+
+
+KEEP_CAPTURES = bool(config.get("keep_captures", True))
+
+
+def capture_outputs(framework):
+    """A capture job's files: temporary with keep_captures: false (deleted once compared)."""
+    files = capture_files(framework)
+    return files if KEEP_CAPTURES else temp(files)
 
 
 def all_comparisons():
@@ -127,4 +162,70 @@ def tolerance_option():
 
 
 ENVS = sorted({spec["env"] for spec in FRAMEWORKS.values()} | {"align"})
-DRIVER_PYTHON = sys.executable
+# The torch build of the venvs: the CPU wheels (PyTorch's CPU index) or PyPI's CUDA build.
+TORCH_VARIANT = "cuda" if config["device"] == "gpu" else "cpu"
+
+
+def env_lock(env):
+    """envs/locks/<env>-<variant>.txt when it exists: the venv is built from it, every pin exact."""
+    lock = Path(f"envs/locks/{env}-{TORCH_VARIANT}.txt")
+    return [str(lock)] if lock.is_file() else []
+
+
+# Capture numerics: params of the capture jobs, so a change reruns the captures. The configured
+# thread count goes to the script as such: Snakemake scales `threads:` down to --cores (-j1),
+# which must not change what a capture computes.
+THREADS = config["threads"]
+DETERMINISTIC = bool(config.get("deterministic", True))
+
+
+# Cluster resources, derived from the model size in the config (`model.encoder.d_model` and
+# `n_layers` from model_overrides over config/nest_fast-conformer.yaml). Measured on the CPU:
+# the full size (d 512, 17 layers, 113 M parameters) needs about 5 GB per capture and 2 minutes
+# for steps 0-1; a job trains from scratch up to its step, so runtime grows with the step.
+def _encoder_size():
+    import yaml
+
+    encoder = yaml.safe_load(Path(MODEL_CONFIG).read_text())["model"]["encoder"]
+    size = {"d_model": int(encoder["d_model"]), "n_layers": int(encoder["n_layers"])}
+    for item in config["model_overrides"]:
+        key, _, value = item.lstrip("+").partition("=")
+        name = key.removeprefix("model.encoder.")
+        if key.startswith("model.encoder.") and name in size and value.isdigit():
+            size[name] = int(value)
+    return size
+
+
+def model_mparams():
+    """Approximate parameter count in millions (about 23 d_model^2 per conformer layer)."""
+    size = _encoder_size()
+    return size["n_layers"] * 23 * size["d_model"] ** 2 / 1e6
+
+
+def _round_up(value, unit):
+    return int(-(-value // unit) * unit)
+
+
+MPARAMS = model_mparams()
+CAPTURE_MEM_MB = _round_up(3000 + 25 * MPARAMS, 500)
+COMPARE_MEM_MB = _round_up(2000 + 20 * MPARAMS, 500)
+
+
+def capture_runtime(wildcards):
+    """Minutes for one capture job: start-up plus training up to its step."""
+    return _round_up(10 + MPARAMS * (int(wildcards.step) + 1) / 20, 5)
+
+
+COMPARE_RUNTIME = _round_up(5 + MPARAMS / 20, 5)
+
+
+def build_venv(input, params, log):
+    """The venv rules' job: scripts/build_venv.py on Snakemake's own interpreter."""
+    import subprocess
+
+    cmd = [sys.executable, input.script, input.spec, str(params.target)]
+    cmd += ["--variant", params.variant] + (
+        ["--lock", input.lock[0]] if input.lock else []
+    )
+    with open(log[0], "w") as fh:
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True)

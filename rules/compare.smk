@@ -6,7 +6,7 @@ rule compare:
         ref=capture_files(REFERENCE),
         cand=capture_files(CANDIDATE),
         script="scripts/compare.py",
-        code=LIBRARY,
+        code=COMPARE_LIBRARY,
         name_map=[config["name_map"]] if config.get("name_map") else [],
         env=env_ready("align"),
     output:
@@ -20,6 +20,9 @@ rule compare:
         step=r"\d+",
     conda:
         "../envs/align.yaml"
+    resources:
+        mem_mb=COMPARE_MEM_MB,
+        runtime=COMPARE_RUNTIME,
     params:
         python=interpreter("align"),
         ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
@@ -35,7 +38,7 @@ rule summary:
     input:
         comparisons=all_comparisons(),
         script="scripts/summary.py",
-        code=LIBRARY,
+        code=SUMMARY_LIBRARY,
         env=env_ready("align"),
     output:
         tsv=report("results/summary.tsv", category="Summary"),
@@ -44,6 +47,7 @@ rule summary:
         "results/logs/summary.log",
     benchmark:
         "results/benchmarks/summary.tsv"
+    localrule: True
     conda:
         "../envs/align.yaml"
     params:
@@ -57,7 +61,7 @@ rule report:
     input:
         comparisons=all_comparisons(),
         script="scripts/report.py",
-        code=LIBRARY,
+        code=REPORT_LIBRARY,
         env=env_ready("align"),
     output:
         report("results/report.html", category="Report"),
@@ -65,6 +69,7 @@ rule report:
         "results/logs/report.log",
     benchmark:
         "results/benchmarks/report.tsv"
+    localrule: True
     conda:
         "../envs/align.yaml"
     params:

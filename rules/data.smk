@@ -4,7 +4,7 @@
 rule make_data:
     input:
         script="scripts/make_data.py",
-        code=["src/nestalign/dummy_data.py"],
+        code=DATA_LIBRARY,
         env=env_ready("align"),
     output:
         **MANIFESTS,
@@ -12,6 +12,7 @@ rule make_data:
         "results/logs/make_data.log",
     benchmark:
         "results/benchmarks/make_data.tsv"
+    localrule: True
     conda:
         "../envs/align.yaml"
     params:

@@ -1,5 +1,8 @@
-# Without conda, each env file's pip list becomes a venv under .venvs/, built as a job of its own.
+# Without conda, each env file's pip list (or its lock, envs/locks/) becomes a venv under .venvs/,
+# built as a job of its own, on the machine that runs Snakemake (localrules in the Snakefile).
 # With --use-conda these rules are never needed: every rule's `conda:` env is used instead.
+# The builder runs on Snakemake's own interpreter inside `run:`, so how Snakemake was started
+# (`snakemake`, `python -m snakemake`, another venv) is neither a param nor code: no rerun.
 
 
 for _env in ENVS:
@@ -9,6 +12,7 @@ for _env in ENVS:
             f"venv_{_env}"
         input:
             spec=f"envs/{_env}.yaml",
+            lock=env_lock(_env),
             script="scripts/build_venv.py",
         output:
             f".venvs/{_env}/.built",
@@ -16,16 +20,16 @@ for _env in ENVS:
             f"results/logs/venv/{_env}.log",
         benchmark:
             f"results/benchmarks/venv/{_env}.tsv"
-        conda:
-            f"../envs/{_env}.yaml"
+        localrule: True
         params:
-            python=DRIVER_PYTHON,
             target=lambda w, output: Path(output[0]).parent,
-        shell:
-            "{params.python} {input.script} {input.spec} {params.target} > {log} 2>&1"
+            variant=TORCH_VARIANT,
+        run:
+            build_venv(input, params, log)
 
 
 rule envs:
     default_target: False
     input:
         [m for env in ENVS for m in env_ready(env)],
+    localrule: True
