@@ -99,6 +99,14 @@ def _tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+def _alignable_elsewhere(cv: torch.Tensor, ref: dict[str, Any], path: str) -> bool:
+    """Whether some other reference tensor could be ``cv`` in another layout."""
+    return any(
+        p != path and _tensor(v) and _kind(v) == _kind(cv) and to_layout(v, cv) is not None
+        for p, v in ref.items()
+    )
+
+
 def pair_leaves(
     ref: dict[str, Any], cand: dict[str, Any]
 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
@@ -119,8 +127,8 @@ def pair_leaves(
         if rv is _MISSING:
             left.append(path)
         elif _tensor(rv) and _tensor(cv):
-            if _kind(rv) == _kind(cv) and to_layout(rv, cv) is not None:
-                pairs.append((path, path))
+            if to_layout(rv, cv) is not None or not _alignable_elsewhere(cv, ref, path):
+                pairs.append((path, path))  # same name: compared (a shape mismatch is named)
                 used_ref.add(path)
             else:
                 left.append(path)

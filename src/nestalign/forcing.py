@@ -43,21 +43,25 @@ class _Graft(torch.autograd.Function):
         return grad, None
 
 
-def _like(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """A copy of ``ref`` (already in cand's shape) with cand's dtype, device and strides."""
-    out = torch.empty_strided(cand.size(), cand.stride(), dtype=cand.dtype, device=cand.device)
-    try:
-        return out.copy_(ref)
-    except RuntimeError:  # overlapping strides (an expanded view): fall back to a dense copy
-        return ref.to(device=cand.device, dtype=cand.dtype).contiguous()
+def _like(ref: torch.Tensor, cand: torch.Tensor, ref_order: bool = False) -> torch.Tensor:
+    """A copy of ``ref`` (already in cand's shape) with cand's dtype and device.
+
+    Memory order matters to random ops (a dropout mask is drawn in memory order): with
+    ``ref_order`` (the reference's call drew random numbers) the copy keeps the reference's
+    order; otherwise it is contiguous when the candidate's tensor was (its code may ``view`` it).
+    """
+    value = ref.to(device=cand.device, dtype=cand.dtype)
+    if not ref_order and (value.is_contiguous() or cand.is_contiguous()):
+        return value.contiguous().clone()
+    return value.clone(memory_format=torch.preserve_format)
 
 
-def graft(ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor | None:
+def graft(ref: torch.Tensor, cand: torch.Tensor, ref_order: bool = False) -> torch.Tensor | None:
     """``ref`` in cand's layout, connected to cand's graph; None when no layout fits."""
     moved = to_layout(ref, cand)
     if moved is None:
         return None
-    value = _like(moved[0], cand)
+    value = _like(moved[0], cand, ref_order)
     if cand.requires_grad and torch.is_grad_enabled():
         return _Graft.apply(cand, value)
     return value
@@ -75,7 +79,7 @@ def _replace(obj: Any, new: dict[str, Any], prefix: str = "") -> Any:
     return obj
 
 
-def forced_values(ref: Any, cand: Any) -> dict[str, Any]:
+def forced_values(ref: Any, cand: Any, ref_order: bool = False) -> dict[str, Any]:
     """Replacement tensors for the candidate's leaves (path -> tensor), taken from ``ref``
     (also where the candidate passes None and the reference a tensor)."""
     r = {p: v for p, v in leaves(ref)}
@@ -87,7 +91,7 @@ def forced_values(ref: Any, cand: Any) -> dict[str, Any]:
         rv, cv = r[rp], c[cp]
         if isinstance(rv, torch.Tensor) and isinstance(cv, torch.Tensor):
             if id(cv) not in done:
-                done[id(cv)] = graft(rv, cv)
+                done[id(cv)] = graft(rv, cv, ref_order)
             if done[id(cv)] is not None:
                 out[cp] = done[id(cv)]
         elif isinstance(rv, torch.Tensor) and cv is None:
@@ -161,7 +165,7 @@ class ForcingRecorder(LayerRecorder):
             entry["forced"] = False
             return entry, args, kwargs
         ref_in, cand_in = call_inputs(ref), dict(bound.arguments)
-        new = forced_values(ref_in, cand_in)
+        new = forced_values(ref_in, cand_in, ref_order=ref.get("rng_state") is not None)
         self._grad_refs[(entry["start"], "grad_inputs")] = _paired_grads(
             ref_in, ref.get("grad_inputs"), cand_in
         )
@@ -206,6 +210,8 @@ class ForcingRecorder(LayerRecorder):
             ref_grad = self._grad_refs.get((entry["start"], key), {}).get(i)
             if ref_grad is not None:
                 moved = to_layout(ref_grad, grad)
-                if moved is not None:
+                # an expanded tensor's copies each got their own share, and the reference only
+                # holds the sum: such a gradient cannot be split back, so it is left as it is
+                if moved is not None and not moved[1].startswith(("expand", "broadcast")):
                     return _like(moved[0], grad)
         return None

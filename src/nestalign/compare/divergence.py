@@ -416,76 +416,74 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
             entry = _entry(tr, i, where, cls, "forward", row, call["name"])
             own_places[i] = entry
             found.append((i, entry))
+    glue_modules = {e["module"] for _, e in found if e["class"] in ("glue", "random algorithm")}
+
+    def readers(fp: tuple, after: int) -> list[int] | None:
+        """Calls (from ``after`` on) that read the tensor with fingerprint ``fp``; None when one
+        of them already got a differing value there forward (the glue before it, listed)."""
+        out = []
+        for j, path in tr.in_index().get(fp, []):
+            if j < after:
+                continue
+            r = rows[tr.keys[j]]
+            if r["status"] == "only_ref" and j not in own_places:
+                continue
+            if not r.get("in_leaf_ok", {}).get(path, True) or tr.calls[j]["name"] in glue_modules:
+                return None
+            out.append(j)
+        return out
+
+    def blame(j: int, g: dict, noise: bool, via: int) -> None:
+        if j in own_places:
+            own_places[j].setdefault("also", "backward")
+            return
+        has_children = tr.sub_end[j] > j + 1
+        cls = "fp noise" if noise else ("glue" if has_children else "code")
+        where = (
+            f"glue in {tr.keys[j]} (backward, reading {tr.keys[via]})"
+            if has_children
+            else f"{tr.keys[j]} ({tr.calls[j].get('type') or '?'})"
+        )
+        own_places[j] = _entry(tr, j, where, cls, "backward", g, tr.calls[j]["name"])
+        found.append((j, own_places[j]))
+
     for i in sorted(range(n), key=lambda k: -tr.end[k]):
         g = grads.get(tr.keys[i])
         if g is None or g["ok"] or g["status"] == "only_ref":
             continue
+        # an input's gradient (summed over its readers) differs: its innermost reader's backward
         for path, ok in g.get("grad_in_leaf_ok", {}).items():
             fp = None if ok else tr.inputs(i).get(path)
             if fp is None or not rows[tr.keys[i]].get("in_leaf_ok", {}).get(path, True):
-                continue  # (an input the parent's glue changed: that glue's entry covers it)
-            # the input's gradient (summed over its readers) differs: the
-            readers = [j for j, _ in tr.in_index().get(fp, [])]  # innermost reader's backward
-            readers = [
-                j for j in readers if rows[tr.keys[j]]["status"] != "only_ref" or j in own_places
-            ] or [i]
-            glue = {e["module"] for _, e in found if e["class"] == "glue"}
-            if any(tr.calls[r]["name"] in glue for r in readers):
-                continue  # a reader whose own glue already differs forward: that region
-            j = _innermost(tr, sorted(set(readers)))
-            if j in own_places:
-                own_places[j].setdefault("also", "backward")
                 continue
-            cls = "fp noise" if g.get("grad_in_noise") else "code"
-            where = f"{tr.keys[j]} ({tr.calls[j].get('type') or '?'})"
-            entry = _entry(tr, j, where, cls, "backward", g, tr.calls[j]["name"])
-            own_places[j] = entry
-            found.append((j, entry))
-        if all(g.get("grad_leaf_ok", {}).values()):
-            continue
+            found_readers = readers(fp, 0)
+            if found_readers is not None:
+                blame(
+                    _innermost(tr, sorted(set(found_readers or [i]))), g, g.get("grad_in_noise"), i
+                )
+        # the gradient arriving at an output differs: the innermost call that read it
         users: list[int] = []
+        covered = False
         for path, ok in g.get("grad_leaf_ok", {}).items():
             fp = None if ok else tr.outputs(i).get(path)
-            if fp is not None:
-                users += [j for j, _ in tr.in_index().get(fp, []) if j >= tr.sub_end[i]]
-        users = [j for j in users if rows[tr.keys[j]]["status"] != "only_ref" or j in own_places]
-        cls = "fp noise" if g.get("grad_noise") else None
-        glue = {e["module"] for _, e in found if e["class"] == "glue"}
-        if any(tr.calls[u]["name"] in glue for u in users):
-            continue  # read by a call whose own glue already differs: that region
-        if users:
-            j = _innermost(tr, sorted(set(users)))
-            if j in own_places:
-                own_places[j].setdefault("also", "backward")
+            if fp is None:
                 continue
-            has_children = tr.sub_end[j] > j + 1
-            cls = cls or ("glue" if has_children else "code")
-            where = (
-                f"glue in {tr.keys[j]} (backward, reading {tr.keys[i]})"
-                if has_children
-                else f"{tr.keys[j]} ({tr.calls[j].get('type') or '?'})"
-            )
-            entry = _entry(tr, j, where, cls, "backward", g, tr.calls[j]["name"])
-            own_places[j] = entry
-            found.append((j, entry))
-        else:
+            found_users = readers(fp, tr.sub_end[i])
+            if found_users is None:
+                covered = True
+            else:
+                users += found_users
+        if covered:
+            continue
+        if users:
+            blame(_innermost(tr, sorted(set(users))), g, g.get("grad_noise"), i)
+        elif not all(g.get("grad_leaf_ok", {}).values()):
             parent = tr.calls[i].get("parent")
             where = f"glue in {parent} after {tr.keys[i]}"
-            if any(e["where"] == where for _, e in found):
-                continue
-            found.append(
-                (
-                    i,
-                    _entry(
-                        tr, i, where, cls or "glue", "backward", g, parent or tr.calls[i]["name"]
-                    ),
-                )
-            )
-    # A forward own error also changes that call's backward, and the gradient it sends back
-    # can reach earlier calls through glue the forcing does not cut: backward findings before
-    # the last forward one are not listed (a documented limit).
-    last_forward = max((i for i, e in found if e["direction"] == "forward"), default=-1)
-    found = [(i, e) for i, e in found if e["direction"] == "forward" or i > last_forward]
+            if not any(e["where"] == where for _, e in found):
+                cls = "fp noise" if g.get("grad_noise") else "glue"
+                module = parent or tr.calls[i]["name"]
+                found.append((i, _entry(tr, i, where, cls, "backward", g, module)))
     found.sort(key=lambda x: x[0])
     merged: list[dict[str, Any]] = []
     for _, e in found:  # one entry per glue region of a parent, named by its first change
@@ -493,7 +491,8 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
             (
                 m
                 for m in merged
-                if m["class"] == e["class"] == "glue" and m["module"] == e["module"]
+                if m["module"] == e["module"]
+                and {m["class"], e["class"]} <= {"glue", "random algorithm"}
             ),
             None,
         )
@@ -503,12 +502,16 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
             same["also"] = "backward"
             same.setdefault("also_at", []).append(e["where"])
             if e["direction"] == "forward":  # the forward change names the region
-                same.update(where=e["where"], name=e["name"], direction="forward")
+                same.update(
+                    where=e["where"], name=e["name"], direction="forward", **{"class": e["class"]}
+                )
         elif " before " in e["where"] and " before " not in same["where"]:
             same.setdefault("also_at", []).append(same["where"])
             same.update(where=e["where"], name=e["name"])
         else:
             same.setdefault("also_at", []).append(e["where"])
+    position = {k: n for n, k in enumerate(tr.keys)}
+    merged.sort(key=lambda e: position.get(e["name"], n))  # in the reference's execution order
     return merged
 
 

@@ -51,6 +51,10 @@ def _pair_metrics(
         rv, cv = ref[rp], cand[cp]
         if isinstance(rv, torch.Tensor) and isinstance(cv, torch.Tensor):
             moved, how = to_layout(rv, cv) or (rv, "")
+            if grads and how.startswith("expand"):
+                # the candidate expanded a broadcast tensor: its gradient is the per-copy
+                # share, the reference's is their sum
+                moved, cv, how = rv, _sum_to(cv, rv.shape), "gradient summed over " + how
             a = atol
             if grads and moved.numel() and moved.is_floating_point():
                 a = scaled_atol(atol, float(moved.detach().abs().max()))
@@ -66,6 +70,15 @@ def _pair_metrics(
     notes = [f"{p} only in the reference" for p in ref_only]
     notes += [f"{p} only in the candidate" for p in cand_only]
     return results, layouts, notes
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed over the axes where ``shape`` is 1 (or absent), to ``shape``."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [
+        lead + d for d, n in enumerate(shape) if n == 1 and t.shape[lead + d] != 1
+    ]
+    return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t
 
 
 def _worst(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -103,35 +116,39 @@ def _grads_by_path(call: dict[str, Any], key: str = "grad_outputs") -> dict[str,
     }
 
 
-def _inside(calls: list[dict], outer: dict, inner: dict) -> bool:
-    """Whether ``inner`` ran inside ``outer`` (both candidate calls)."""
-    p = inner.get("parent_start")
-    while p is not None:
+def _inside(by_start: dict[int, dict], outer: dict, inner: dict) -> bool:
+    """Whether ``inner`` ran inside ``outer`` (both candidate calls, found by start index)."""
+    p, seen = inner.get("parent_start"), set()
+    while p is not None and p not in seen:
         if p == outer.get("start"):
             return True
-        p = calls[p].get("parent_start") if 0 <= p < len(calls) else None
+        seen.add(p)
+        parent = by_start.get(p)
+        p = parent.get("parent_start") if parent else None
     return False
 
 
 def _match_candidate(
     cand_calls: list[dict], name_map: NameMap, ignored: list[str]
 ) -> tuple[dict[tuple[str, int], dict], list[dict]]:
-    """Candidate calls under reference keys, and the wrappers that gave their key away."""
+    """Candidate calls under reference keys (name through the map, recorded call index), and
+    the wrappers that gave their key away to the call they wrap."""
+    by_start = {c.get("start"): c for c in cand_calls}
     by_key: dict[tuple[str, int], dict] = {}
     wrappers: list[dict] = []
-    counts: dict[str, int] = {}
     for c in cand_calls:
         name = name_map.map(c["name"]) if c["name"] != "<root>" else c["name"]
         if name_map.ignored(name):
             ignored.append(c["name"])
             continue
-        k = counts.get(name, 0)
-        prev = by_key.get((name, k - 1)) if k else None
-        if prev is not None and _inside(cand_calls, prev, c):
+        k = c["call"]
+        prev = by_key.get((name, k))
+        if prev is not None and _inside(by_start, prev, c):
             wrappers.append(prev)  # the inner call of a wrapper takes the reference's place
-            k -= 1
+        elif prev is not None:
+            while (name, k) in by_key:  # two candidate names mapped onto one reference name
+                k += 1
         by_key[(name, k)] = c
-        counts[name] = k + 1
     return by_key, wrappers
 
 

@@ -17,7 +17,7 @@ from nestalign.compare.categories import (
     _mark_noise,
     _structure,
 )
-from nestalign.compare.layers import _layers
+from nestalign.compare.layers import _layers, fp_noise
 from nestalign.compare.reader import StepSource
 from nestalign.compare.rows import FAILED, _summarise
 from nestalign.compare.tolerances import NOISE_FACTOR, load_tolerances
@@ -313,7 +313,23 @@ def compare_steps(
             lr=lr,
         )
     if result["divergence"]["backward"]["first"] is None:
-        result["divergence"]["backward"]["first"] = _param_gradient_culprit(cats)
+        first = _param_gradient_culprit(cats)
+        result["divergence"]["backward"]["first"] = first
+        if first is not None and not any(
+            e["direction"] == "backward" for e in result["divergences"]
+        ):
+            row = next(r for r in cats["grads"]["rows"] if r["name"] == first["name"])
+            result["divergences"].append(
+                {
+                    "where": first["where"],
+                    "class": "fp noise" if fp_noise(row) else "code",
+                    "direction": "backward",
+                    "name": first["name"],
+                    "module": first["module"],
+                    "max_abs": row.get("max_abs"),
+                    "max_rel": row.get("max_rel"),
+                }
+            )
     _collect_notes(result)
     result["nonfinite"] = _nonfinite(cats, result["losses"])
     if result["errors"]:
