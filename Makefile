@@ -5,21 +5,28 @@ PYTHON ?= python3
 DRIVER := .venvs/driver
 SNAKEMAKE := $(DRIVER)/bin/snakemake
 JOBS ?= 2
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run test envs driver lint format clean browser
+.PHONY: run test envs driver lint format clean browser locks
 
 driver: $(DRIVER)/.built
 
 $(DRIVER)/.built: envs/driver.txt
 	rm -rf $(DRIVER)
 	$(PYTHON) -m venv $(DRIVER)
-	$(DRIVER)/bin/pip install --no-input torch==2.13.0
+	$(DRIVER)/bin/pip install --no-input --no-deps --extra-index-url $(TORCH_CPU_INDEX) torch==2.13.0+cpu
 	$(DRIVER)/bin/pip install --no-input -r envs/driver.txt
 	touch $@
 
 # The framework envs are workflow jobs (rules/envs.smk), so a changed pin rebuilds just that env.
 envs: driver
 	$(SNAKEMAKE) -j$(JOBS) envs
+
+# Exact locks of the built CPU venvs (envs/locks/<env>-cpu.txt), used by later builds.
+locks: envs
+	for env in align nemo nest; do \
+		$(DRIVER)/bin/python scripts/build_venv.py --freeze .venvs/$$env envs/locks/$$env-cpu.txt; \
+	done
 
 run: envs
 	$(SNAKEMAKE) -j$(JOBS)
