@@ -128,6 +128,30 @@ def _table(table: list[dict[str, Any]]) -> str:
     return f'<table id="summary"><tr>{head}</tr>\n' + "\n".join(body) + "</table>"
 
 
+def _divergences(result: dict[str, Any]) -> str:
+    """Every localised divergence of a step, in execution order, with class and size."""
+    entries = result.get("divergences") or []
+    if not entries:
+        return ""
+    forced = (
+        " (teacher-forced: each is that place's own error)"
+        if (result.get("divergence") or {}).get("forced")
+        else ""
+    )
+    rows = []
+    for e in entries:
+        direction = e["direction"] + (" and backward" if e.get("also") == "backward" else "")
+        size = summary._fmt(e.get("max_abs"))
+        rows.append(
+            f"<tr><td>{html.escape(e['where'])}</td><td>{html.escape(e['class'])}</td>"
+            f"<td>{html.escape(direction)}</td><td>{html.escape(size)}</td></tr>"
+        )
+    return (
+        f'<p>Divergences{forced}:</p><table class="divergences"><tr><th>where</th>'
+        "<th>class</th><th>direction</th><th>max abs</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def render(results: list[dict[str, Any]]) -> str:
     """The whole report as one HTML string."""
     results = sorted(results, key=summary._key)
@@ -172,5 +196,6 @@ def render(results: list[dict[str, Any]]) -> str:
                 items.append(f"<li>first {direction} culprit: {html.escape(first['where'])}</li>")
         if items:
             parts.append("<ul>" + "".join(items) + "</ul>")
+        parts.append(_divergences(r))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

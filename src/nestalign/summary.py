@@ -110,6 +110,14 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if len(failing) > FAILING_LISTED
             else ""
         )
+        entries = r.get("divergences") or []
+        row["divergences"] = "; ".join(
+            f"{e['where']} ({e['class']})" for e in entries[:FAILING_LISTED]
+        ) + (
+            f"; ... and {len(entries) - FAILING_LISTED} more"
+            if len(entries) > FAILING_LISTED
+            else ""
+        )
         row["errors"] = [f"[{e['category']}] {e['error']}" for e in r.get("errors", [])]
         previous[row["seed"]] = row
         out.append(row)
@@ -179,6 +187,12 @@ def markdown(table: list[dict[str, Any]]) -> str:
                 value = _fmt(row[key])
             cells.append(value.replace("|", "\\|") if value else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    listed = [row for row in table if row.get("divergences")]
+    if listed:
+        lines += ["", "Divergences (in execution order):", ""]
+        lines += [
+            f"- seed {row['seed']} step {row['step']}: {row['divergences']}" for row in listed
+        ]
     errors = [(row, e) for row in table for e in row["errors"]]
     if errors:
         lines += ["", "Errors:", ""]
