@@ -193,7 +193,49 @@ def test_nan_loss_when_nothing_is_masked_is_reported_on_both_sides(workdir, tmp_
     with open(work / "results/summary.tsv") as fh:
         (row,) = list(csv.DictReader(fh, delimiter="\t"))
     assert (row["loss_ref"], row["loss_cand"]) == ("nan", "nan")
-    assert row["verdict"] == "PASS", row  # NaN at the same places on both sides agrees
+    # NaN at the same places on both sides agrees, but such a step is never a plain PASS
+    assert row["verdict"] == "NONFINITE", row
+
+
+def test_isolation_forces_nest_with_real_nemo_captures(workdir, tmp_path):
+    """isolation: the nest capture starts from NeMo's initial state and is teacher-forced by
+    NeMo's recorded step: the port agrees exactly and nothing is listed; with a planted fault
+    the one divergence listed is that module, with NeMo as the reference."""
+    work = tmp_path / "isolation"
+    shutil.copytree(workdir, work, symlinks=True)
+    faulty = "encoder.layers.1.feed_forward2.linear1"
+    frameworks = {
+        "nest_fault": {
+            "script": "scripts/capture_nest.py",
+            "env": "nest",
+            "sources": ["src/nest_ssl"],
+            "overrides": [f"fault={faulty}*1.001"],
+        }
+    }
+    isolation = {"init": "reference", "forcing": True}
+    config = write_config(work / "iso.yaml", steps=[0, 1], isolation=isolation)
+    proc = snakemake(work, "-j2", "--configfile", str(config))
+    assert "capture_nemo" not in proc.stdout + proc.stderr  # the reference is reused
+    with open(work / "results/summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["verdict"] for r in rows] == ["PASS", "PASS"], rows
+    assert all(r["divergences"] == "-" for r in rows), rows
+    config = write_config(
+        work / "iso_fault.yaml",
+        steps=[0],
+        isolation=isolation,
+        candidate="nest_fault",
+        frameworks=frameworks,
+    )
+    snakemake(work, "-j2", "--configfile", str(config))
+    with open(work / "results/summary.tsv") as fh:
+        (row,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert row["verdict"] == "FAIL"
+    assert row["divergences"] == f"{faulty}#0 (Linear) (code)", row["divergences"]
+    assert (
+        "divergence: " + f"{faulty}#0 (Linear) (code)"
+        in (work / "results/logs/compare/seed_3/step_0.log").read_text()
+    )
 
 
 def test_a_changed_pin_rebuilds_only_that_env_and_its_captures(workdir, tmp_path):
