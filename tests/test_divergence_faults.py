@@ -303,3 +303,13 @@ def test_forced_run_lists_only_the_planted_fault(forced_reference, tmp_path, fau
     result = compare_steps(forced_reference, cand, load_tolerances(**TOLS))
     got = [(e["where"], e["class"], e["direction"]) for e in result["divergences"]]
     assert got == FORCED[fault], got
+
+
+@pytest.mark.parametrize("tols", [{}, {"atol": 1e-5, "rtol": 1e-5}], ids=["per-dtype", "1e-5"])
+@pytest.mark.parametrize("fault", sorted(FAULTS) + ["bad_backward"])
+def test_failing_layer_gradients_always_name_a_backward_culprit(reference, tmp_path, fault, tols):
+    """A '-' reads as "no backward divergence": whenever a layer gradient fails, some place is
+    named backward."""
+    result = compare_steps(reference, capture(tmp_path, fault), load_tolerances(**tols))
+    assert result["categories"]["layer_grads"]["failed"], fault  # every fault changes some
+    assert result["divergence"]["backward"]["first"] is not None, fault

@@ -585,5 +585,11 @@ def analyse(
             "module": bfirst["module"],
             "where": bfirst["where"] + f" (gradient first differs at {bfirst['name']})",
         }
+    if result["backward"]["first"] is None and any(
+        not g["ok"] and not g.get("grad_noise") for g in grad_rows
+    ):
+        # every differing gradient comes from calls whose forward already differs: the forward
+        # culprit is where the backward difference starts too
+        result["backward"]["first"] = result["forward"]["first"]
     result["divergences"] = _free_list(tr, rows, result)
     return result
