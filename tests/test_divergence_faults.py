@@ -133,16 +133,29 @@ def build(fault: str, seed: int) -> TinyEncoder:
     return model
 
 
-def capture(run_dir: Path, fault: str, seed: int = 7) -> Path:
-    """One training step of the model with LayerRecorder, written as a step directory."""
+def capture(run_dir: Path, fault: str, seed: int = 7, forced_by: Path | None = None) -> Path:
+    """One training step of the model with LayerRecorder, written as a step directory.
+
+    ``forced_by``: a reference step to teacher-force this one with. The model is then built from
+    another seed and loaded with the reference's initial weights (kept beside its run as
+    initial.pt), and the generator is left in another state: forcing must replay its draws."""
     torch.set_num_threads(1)
-    model = build(fault, seed).train()
+    model = build(fault, seed if forced_by is None else seed + 100).train()
+    if forced_by is not None:
+        model.load_state_dict(art.load_tensors(forced_by.parent / "initial.pt"))
+        if fault == "transposed":
+            with torch.no_grad():
+                w = model.blocks[0].attn.q.weight
+                w.copy_(w.t().clone())
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(2, T, FEATS, generator=gen)
     lengths = torch.tensor([T, T - 9])
     targets = torch.randint(0, VOCAB, (2, T // 2), generator=gen)
-    torch.manual_seed(seed + 1)
-    rec = LayerRecorder(model)
+    torch.manual_seed(seed + 1 if forced_by is None else seed + 999)
+    if forced_by is None:
+        rec = LayerRecorder(model)
+    else:
+        rec = ForcingRecorder(model, art.load_tensors(forced_by / art.LAYERS))
     rec.start()
     logits, mask = model(feats, lengths)
     loss = nn.functional.cross_entropy(logits[mask], targets[mask])
@@ -240,40 +253,6 @@ def test_zero_gradients_are_noise(reference, tmp_path, atol):
     assert grads["worst"]["max_rel"] < 10
 
 
-def forced_capture(run_dir: Path, fault: str, reference: Path, seed: int = 7) -> Path:
-    """The faulty model's step teacher-forced with the reference's calls (a different seed:
-    the reference's initial weights are loaded, and forcing replays its random draws)."""
-    torch.set_num_threads(1)
-    model = build(fault, seed + 100).train()
-    model.load_state_dict(art.load_tensors(reference.parent / "initial.pt"))
-    if fault == "transposed":
-        with torch.no_grad():
-            w = model.blocks[0].attn.q.weight
-            w.copy_(w.t().clone())
-    gen = torch.Generator().manual_seed(seed)
-    feats = torch.randn(2, T, FEATS, generator=gen)
-    lengths = torch.tensor([T, T - 9])
-    targets = torch.randint(0, VOCAB, (2, T // 2), generator=gen)
-    torch.manual_seed(seed + 999)  # another stream: forcing must replay the reference's draws
-    rec = ForcingRecorder(model, art.load_tensors(reference / art.LAYERS))
-    rec.start()
-    logits, mask = model(feats, lengths)
-    loss = nn.functional.cross_entropy(logits[mask], targets[mask])
-    loss.backward()
-    rec.stop()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    writer = art.StepWriter(run_dir, 0)
-    writer.json(art.METADATA, {"framework": fault or "forced", "seed": seed, "step": 0})
-    writer.json(art.STRUCTURE, model_structure(model))
-    writer.tensors(art.BATCH, {"feats": feats, "lengths": lengths, "targets": targets})
-    writer.tensors(art.FORWARD, {"logits": logits.detach(), "mask": mask})
-    writer.tensors(art.LOSS, loss.detach())
-    writer.tensors(art.GRADS, grads)
-    writer.tensors(art.WEIGHTS, art.to_plain(model.state_dict()))
-    writer.tensors(art.LAYERS, rec.calls)
-    return writer.commit()
-
-
 @pytest.fixture(scope="module")
 def forced_reference(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("forced_ref")
@@ -299,7 +278,7 @@ FORCED = {
 def test_forced_run_lists_only_the_planted_fault(forced_reference, tmp_path, fault):
     """Teacher forcing: each call runs on the reference's inputs, so the one planted place is
     the only divergence listed, with its class, and everything after it matches."""
-    cand = forced_capture(tmp_path, fault, forced_reference)
+    cand = capture(tmp_path, fault, forced_by=forced_reference)
     result = compare_steps(forced_reference, cand, load_tolerances(**TOLS))
     got = [(e["where"], e["class"], e["direction"]) for e in result["divergences"]]
     assert got == FORCED[fault], got

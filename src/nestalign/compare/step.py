@@ -20,21 +20,11 @@ from nestalign.compare.categories import (
 from nestalign.compare.layers import _layers, fp_noise
 from nestalign.compare.reader import StepSource
 from nestalign.compare.rows import FAILED, _summarise
-from nestalign.compare.tolerances import NOISE_FACTOR, load_tolerances
+from nestalign.compare.tolerances import NOISE_FACTOR, TOLERANCE_KEYS, load_tolerances
 from nestalign.namemap import IDENTITY, NameMap, NameMapError
 
 FORMAT = "nestalign.compare/1"
-CATEGORIES = (
-    "structure",
-    "init",
-    "batch",
-    "forward",
-    "loss",
-    "grads",
-    "weights",
-    "layers",
-    "layer_grads",
-)
+CATEGORIES = ("structure", *TOLERANCE_KEYS)  # structure first, then the numeric ones
 NUMERIC = CATEGORIES[1:]  # the categories whose failures fail the verdict
 # metadata.json keys both sides must agree on before numbers are compared
 METADATA_KEYS = (
