@@ -3,7 +3,7 @@ runtime patches of nest_ssl) against the plain port, through the capture library
 init_from / force_from and the compare.
 
 - each code mutant alone, starting from the reference's initial state: the first culprit is that
-  mutation, by name;
+  mutation, by name, and nothing else is blamed;
 - each code mutant alone, teacher-forced: the one divergence listed is that mutation, with its
   class; all code mutants together, forced: each listed once, in execution order, nothing else;
 - init mutants without init_from: "init differs" names the first differing weight;
@@ -163,6 +163,8 @@ def test_free_run_first_culprit_is_the_mutant(tmp_path, data, reference, name):
     assert result["verdict"] == "fail"
     first = result["divergence"]["forward"]["first"] or result["divergence"]["backward"]["first"]
     assert first is not None and _matches(first, mutant), (name, first)
+    blamed = [e["where"] for e in result["divergences"] if not _matches(e, mutant)]
+    assert not blamed, (name, blamed)  # everything after it is a victim, never a culprit
 
 
 @pytest.mark.parametrize("name", sorted(INIT))

@@ -200,7 +200,12 @@ def _victim_or_glue(tr: _Trace, rows: dict[str, dict], i: int, failing: list[int
         fp = tr.inputs(i).get(path)
         source = None
         if fp is not None:
-            for j, p in reversed(tr.out_index().get(fp, [])):
+            for a in reversed(tr.anc[i]):  # an enclosing call already got it differing
+                hit = [p for p, f in tr.inputs(a).items() if f == fp]
+                if hit and not _leaf_ok(tr, rows, a, "in", hit[0]):
+                    source = (a, "in", hit[0])
+                    break
+            for j, p in reversed(tr.out_index().get(fp, []) if source is None else []):
                 if j < i and j not in anc:
                     source = (j, "out", p)
                     break
