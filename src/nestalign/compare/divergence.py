@@ -438,14 +438,15 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
             out.append(j)
         return out
 
-    def blame(j: int, g: dict, noise: bool, via: int) -> None:
+    def blame(j: int, g: dict, noise: bool) -> None:
+        """Call j's own backward differs (a parent: its code around its children)."""
         if j in own_places:
             own_places[j].setdefault("also", "backward")
             return
         has_children = tr.sub_end[j] > j + 1
         cls = "fp noise" if noise else ("glue" if has_children else "code")
         where = (
-            f"glue in {tr.keys[j]} (backward, reading {tr.keys[via]})"
+            f"glue in {tr.keys[j]} (backward)"
             if has_children
             else f"{tr.keys[j]} ({tr.calls[j].get('type') or '?'})"
         )
@@ -481,7 +482,7 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
         if covered:
             continue
         if users:
-            blame(_innermost(tr, sorted(set(users))), g, g.get("grad_noise"), i)
+            blame(_innermost(tr, sorted(set(users))), g, g.get("grad_noise"))
         elif not all(g.get("grad_leaf_ok", {}).values()):
             parent = tr.calls[i].get("parent")
             where = f"glue in {parent} after {tr.keys[i]}"
