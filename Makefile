@@ -7,7 +7,7 @@ SNAKEMAKE := $(DRIVER)/bin/snakemake
 JOBS ?= 2
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run test envs driver lint format clean browser locks
+.PHONY: run test envs driver lint format clean browser locks gpu-wheels gpu-check
 
 driver: $(DRIVER)/.built
 
@@ -27,6 +27,15 @@ locks: envs
 	for env in align nemo nest; do \
 		$(DRIVER)/bin/python scripts/build_venv.py --freeze .venvs/$$env envs/locks/$$env-cpu.txt; \
 	done
+
+# GPU check (scripts/gpu_check.py): `make gpu-wheels` (with network) fills .gpu-wheels/ with the
+# py312 manylinux wheels the GPU machine's python lacks; `make gpu-check` on that machine.
+GPU_PYTHON ?= python3
+gpu-wheels:
+	$(PYTHON) scripts/gpu_check.py --download-wheels .gpu-wheels
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
 
 run: envs
 	$(SNAKEMAKE) -j$(JOBS)
