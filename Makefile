@@ -22,10 +22,17 @@ $(DRIVER)/.built: envs/driver.txt
 envs: driver
 	$(SNAKEMAKE) -j$(JOBS) envs
 
-# Exact locks of the built CPU venvs (envs/locks/<env>-cpu.txt), used by later builds.
-locks: envs
-	for env in align nemo nest; do \
-		$(DRIVER)/bin/python scripts/build_venv.py --freeze .venvs/$$env envs/locks/$$env-cpu.txt; \
+# Full locks (envs/locks/<env>-$(VARIANT).txt: every package pinned): each env file's pip list
+# resolved afresh into a throw-away venv (never .venvs/, never an existing lock), then frozen.
+# The venv rules build from these locks; delete one to build that env from its env file again.
+VARIANT ?= cpu
+locks: driver
+	set -e; for env in align nemo nest; do \
+		tmp=$$(mktemp -d); \
+		$(DRIVER)/bin/python scripts/build_venv.py envs/$$env.yaml $$tmp/$$env --variant $(VARIANT); \
+		$(DRIVER)/bin/python scripts/build_venv.py --freeze $$tmp/$$env envs/locks/$$env-$(VARIANT).txt \
+			--from-spec envs/$$env.yaml; \
+		rm -rf $$tmp; \
 	done
 
 # GPU check (scripts/gpu_check.py): `make gpu-wheels` (with network) fills .gpu-wheels/ with the

@@ -15,7 +15,12 @@ With --lock (envs/locks/<env>-<variant>.txt, written by `--freeze`), every packa
 at the locked version with `--no-deps`: the same venv on every machine. Without it, pip resolves
 the spec's pins and whatever they leave open.
 
-    python scripts/build_venv.py --freeze .venvs/nemo envs/locks/nemo-cpu.txt
+    python scripts/build_venv.py --freeze .venvs/nemo envs/locks/nemo-cpu.txt \
+        --from-spec envs/nemo.yaml
+
+`make locks` does this for every env, each built afresh from its env file in a temporary folder.
+A lock records the hash of the pip list it came from: after a pin changes, a build from the old
+lock is refused (run `make locks`).
 """
 
 from __future__ import annotations
@@ -78,8 +83,17 @@ def freeze(python: Path) -> str:
     ).stdout
 
 
-def write_lock(venv_dir: Path, lock: Path) -> None:
-    """Every package of a built venv at its exact version, this project left out."""
+SPEC_HASH = "# pip list sha256 "
+
+
+def spec_hash(spec: Path) -> str:
+    """Hash of the env file's pip list (comments and the conda part do not count)."""
+    return hashlib.sha256("\n".join(pip_requirements(spec)).encode()).hexdigest()
+
+
+def write_lock(venv_dir: Path, lock: Path, spec: Path | None = None) -> None:
+    """Every package of a built venv at its exact version, this project left out; with SPEC,
+    the hash of its pip list, so that a build from a stale lock is refused."""
     python = venv_dir / "bin" / "python"
     lines = [
         line
@@ -87,12 +101,26 @@ def write_lock(venv_dir: Path, lock: Path) -> None:
         if line and not line.startswith("-e ") and req_name(line) != PROJECT
     ]
     lock.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# pip freeze of {venv_dir} (scripts/build_venv.py --freeze); `make locks` rewrites\n"
+    header = "# Full lock (pip freeze of a fresh build): `make locks` rewrites it, never by hand.\n"
+    if spec is not None:
+        header += f"# from {spec}\n{SPEC_HASH}{spec_hash(spec)}\n"
     lock.write_text(header + "\n".join(sorted(lines, key=str.lower)) + "\n")
     print(f"wrote {lock} ({len(lines)} packages)", file=sys.stderr)
 
 
+def check_lock(spec: Path, lock: Path) -> None:
+    """A lock made from another pip list than the spec's now is stale: refuse it."""
+    recorded = [line for line in lock.read_text().splitlines() if line.startswith(SPEC_HASH)]
+    if recorded and recorded[0].removeprefix(SPEC_HASH).strip() != spec_hash(spec):
+        raise SystemExit(
+            f"{lock} was made from another pip list than {spec} has now: run `make locks` "
+            f"(or delete {lock} to build from {spec})"
+        )
+
+
 def build(spec: Path, target: Path, variant: str, lock: Path | None) -> None:
+    if lock:
+        check_lock(spec, lock)
     reqs = lock_requirements(lock) if lock else pip_requirements(spec)
     if target.exists():
         shutil.rmtree(target)
@@ -126,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of building: write the lock TARGET from the built venv SPEC",
     )
+    parser.add_argument(
+        "--from-spec", type=Path, help="with --freeze: the env file it was built from"
+    )
     args = parser.parse_args(argv)
     if args.freeze:
-        write_lock(args.spec, args.target)
+        write_lock(args.spec, args.target, args.from_spec)
     else:
         build(args.spec, args.target, args.variant, args.lock)
     return 0

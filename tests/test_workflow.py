@@ -249,6 +249,8 @@ def test_a_changed_pin_rebuilds_only_that_env_and_its_captures(workdir, tmp_path
         marker.write_text("built\n")
         os.utime(marker, (old, old))
         os.utime(work / "envs" / f"{env}.yaml", (old - 1, old - 1))
+    for lock in (work / "envs" / "locks").glob("*.txt"):  # inputs of the venv rules too
+        os.utime(lock, (old - 1, old - 1))
     os.utime(work / "scripts/build_venv.py", (old - 1, old - 1))
     config = write_config(work / "venv_mode.yaml", interpreters={})
     # Leaving `interpreters` changes the python param of every job: judge by file times only.
