@@ -50,11 +50,11 @@ def captures(tmp_path_factory):
     return runs
 
 
-def compare(tmp_path, ref, cand):
+def compare(tmp_path, ref, cand, *extra: str):
     out = tmp_path / "cmp.pkl"
     run_python(
         "align",
-        ["scripts/compare.py", "--ref", str(ref), "--cand", str(cand), "--out", str(out)],
+        ["scripts/compare.py", "--ref", str(ref), "--cand", str(cand), "--out", str(out), *extra],
     )
     return load_result(out)  # plain data only
 
@@ -75,5 +75,8 @@ def test_another_seed_differs(captures):
 def test_compare_agrees(captures, tmp_path):
     same = compare(tmp_path, art.step_dir(captures["a"], 1), art.step_dir(captures["b"], 1))
     assert same["verdict"] == "pass"
-    other = compare(tmp_path, art.step_dir(captures["a"], 1), art.step_dir(captures["c"], 1))
-    assert other["verdict"] == "fail"
+    a1, c1 = art.step_dir(captures["a"], 1), art.step_dir(captures["c"], 1)
+    other = compare(tmp_path, a1, c1)  # seed 11 against seed 12: not a pair
+    assert other["verdict"] == "error"
+    assert "seed 11 vs 12" in other["errors"][0]["error"], other["errors"]
+    assert compare(tmp_path, a1, c1, "--force")["verdict"] == "fail"
