@@ -74,9 +74,17 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def freeze(python: Path) -> str:
+def freeze(python: Path, everything: bool = False) -> str:
+    """pip freeze; `everything` keeps setuptools and wheel (torch requires setuptools>=77)."""
     return subprocess.run(
-        [str(python), "-m", "pip", "freeze", "--exclude-editable"],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "freeze",
+            "--exclude-editable",
+            *(["--all"] if everything else []),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -97,8 +105,8 @@ def write_lock(venv_dir: Path, lock: Path, spec: Path | None = None) -> None:
     python = venv_dir / "bin" / "python"
     lines = [
         line
-        for line in freeze(python).splitlines()
-        if line and not line.startswith("-e ") and req_name(line) != PROJECT
+        for line in freeze(python, everything=True).splitlines()
+        if line and not line.startswith("-e ") and req_name(line) not in (PROJECT, "pip")
     ]
     lock.parent.mkdir(parents=True, exist_ok=True)
     header = "# Full lock (pip freeze of a fresh build): `make locks` rewrites it, never by hand.\n"
