@@ -464,9 +464,7 @@ def _forced(tr: _Trace, rows: dict[str, dict], grads: dict[str, dict]) -> list[d
                 continue
             found_readers = readers(fp, 0)
             if found_readers is not None:
-                blame(
-                    _innermost(tr, sorted(set(found_readers or [i]))), g, g.get("grad_in_noise"), i
-                )
+                blame(_innermost(tr, sorted(set(found_readers or [i]))), g, g.get("grad_in_noise"))
         # the gradient arriving at an output differs: the innermost call that read it
         users: list[int] = []
         covered = False
