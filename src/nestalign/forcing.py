@@ -189,20 +189,9 @@ class ForcingRecorder(LayerRecorder):
         new = forced_values(ref.get("outputs"), output)
         if not new:
             return output
-        tensor_paths = [p for p, v in leaves(output) if isinstance(v, torch.Tensor)]
-        ref_paths = [p for p, v in leaves(ref.get("outputs")) if isinstance(v, torch.Tensor)]
-        ref_grads = list(ref.get("grad_outputs") or [])
-        r = dict(leaves(ref.get("outputs")))
-        pairs, _, _ = pair_leaves(r, dict(leaves(output)))
-        by_cand = {cp: rp for rp, cp in pairs}
-        grads: dict[int, torch.Tensor] = {}
-        for i, path in enumerate(tensor_paths):
-            rp = by_cand.get(path)
-            if rp in ref_paths and ref_paths.index(rp) < len(ref_grads):
-                g = ref_grads[ref_paths.index(rp)]
-                if isinstance(g, torch.Tensor):
-                    grads[i] = g
-        self._grad_refs[(entry["start"], "grad_outputs")] = grads
+        self._grad_refs[(entry["start"], "grad_outputs")] = _paired_grads(
+            ref.get("outputs"), ref.get("grad_outputs"), output
+        )
         return _replace(output, new)
 
     def _replacement(self, targets: list[tuple], grad: torch.Tensor) -> torch.Tensor | None:
