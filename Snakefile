@@ -15,6 +15,7 @@ validate(config, "config/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/envs.smk"
 include: "rules/data.smk"
+include: "rules/validate.smk"
 include: "rules/capture.smk"
 include: "rules/compare.smk"
 
