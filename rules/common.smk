@@ -220,12 +220,21 @@ COMPARE_RUNTIME = _round_up(5 + MPARAMS / 20, 5)
 
 
 def build_venv(input, params, log):
-    """The venv rules' job: scripts/build_venv.py on Snakemake's own interpreter."""
+    """The venv rules' job: scripts/build_venv.py on Snakemake's own interpreter.
+
+    pip's output goes to the log only, the builder's progress lines (stderr) to both the log
+    and the console.
+    """
     import subprocess
 
     cmd = [sys.executable, input.script, input.spec, str(params.target)]
     cmd += ["--variant", params.variant] + (
         ["--lock", input.lock[0]] if input.lock else []
     )
-    with open(log[0], "w") as fh:
-        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True)
+    with open(log[0], "w", buffering=1) as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            fh.write(line)
+        if proc.wait():
+            raise subprocess.CalledProcessError(proc.returncode, cmd)

@@ -3,6 +3,8 @@
 # With --use-conda these rules are never needed: every rule's `conda:` env is used instead.
 # The builder runs on Snakemake's own interpreter inside `run:`, so how Snakemake was started
 # (`snakemake`, `python -m snakemake`, another venv) is neither a param nor code: no rerun.
+# The console shows one line per build step (creating, torch, N packages, done in X s); pip's
+# output is in results/logs/venv/<env>.log.
 
 
 for _env in ENVS:

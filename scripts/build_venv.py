@@ -7,6 +7,10 @@ project itself (editable, without dependencies), so that `python -m nest_ssl.tra
 `import nestalign` work in it without PYTHONPATH. A `.built` marker holding the spec's hash and
 `pip freeze` is written last: a failed build leaves no marker, so the next run tries again.
 
+pip's output (and the commands) go to stdout, which the venv rules write to the env's log; one
+short line per step (`venv nemo: installing 145 packages ...`, `venv nemo: done in 212 s`) goes
+to stderr, which the workflow shows on the console.
+
 Torch builds: `cpu` installs `torch==X+cpu` from PyTorch's CPU index (TORCH_CPU_INDEX, given to
 pip as an extra index), `cuda` installs `torch==X` from PyPI, which is the CUDA build (the
 nvidia-* wheels come with it).
@@ -32,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -69,9 +74,15 @@ def torch_requirement(req: str, variant: str) -> tuple[str, list[str]]:
     return base, []
 
 
+def progress(target: Path, message: str) -> None:
+    """One line on stderr for the console; the log gets it too (see rules/common.smk)."""
+    print(f"venv {target.name}: {message}", file=sys.stderr, flush=True)
+
+
 def run(cmd: list[str]) -> None:
+    """A command with its output (stderr too) on stdout: the env's log, not the console."""
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stderr=subprocess.STDOUT)
 
 
 def freeze(python: Path, everything: bool = False) -> str:
@@ -127,9 +138,12 @@ def check_lock(spec: Path, lock: Path) -> None:
 
 
 def build(spec: Path, target: Path, variant: str, lock: Path | None) -> None:
+    start = time.monotonic()
     if lock:
         check_lock(spec, lock)
     reqs = lock_requirements(lock) if lock else pip_requirements(spec)
+    source = f"{spec} + {lock}" if lock else str(spec)
+    progress(target, f"creating the venv {target} ({variant}, from {source})")
     if target.exists():
         shutil.rmtree(target)
     venv.EnvBuilder(with_pip=True, clear=True).create(target)
@@ -139,14 +153,17 @@ def build(spec: Path, target: Path, variant: str, lock: Path | None) -> None:
     rest = [r for r in reqs if req_name(r) != "torch"]
     if torch:  # first and alone (its index for torch only), so that nothing else picks the build
         pin, options = torch_requirement(torch[0], variant)
+        progress(target, f"installing {pin}")
         run(pip + ["--no-deps"] + options + [pin])
         rest = [pin, *rest]  # installed: pip resolves torch's own dependencies from PyPI
+    how = "locked, --no-deps" if lock else "resolved by pip"
+    progress(target, f"installing {len(rest) - len(torch)} packages ({how})")
     run(pip + (["--no-deps"] if lock else []) + rest)
+    progress(target, f"installing {PROJECT} (editable)")
     run(pip + ["--no-deps", "--editable", str(ROOT)])
     digest = hashlib.sha256(spec.read_bytes() + (lock.read_bytes() if lock else b"")).hexdigest()
-    source = f"{spec} + {lock}" if lock else str(spec)
     (target / ".built").write_text(f"# {source} ({variant}) sha256 {digest}\n{freeze(python)}")
-    print(f"built {target} from {source} ({variant})", file=sys.stderr)
+    progress(target, f"done in {time.monotonic() - start:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.freeze:
         write_lock(args.spec, args.target, args.from_spec)
-    else:
+        return 0
+    try:
         build(args.spec, args.target, args.variant, args.lock)
+    except subprocess.CalledProcessError as exc:
+        command = " ".join(str(c) for c in exc.cmd[1:4])
+        progress(args.target, f"failed: `{command} ...` exited {exc.returncode} (see its output)")
+        return 1
     return 0
 
 
