@@ -18,15 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mutants import MUTANTS, applied, code_mutants, combined_name_map, neutral_mutants
+from captures import TINY, nest_capture
+from mutants import MUTANTS, code_mutants, combined_name_map, neutral_mutants
 from nestalign.compare import compare_steps, load_tolerances
 from nestalign.dummy_data import make_data
 from nestalign.namemap import NameMap
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 EXACT = {"atol": 0.0, "rtol": 0.0}  # forced runs: every own difference counts, fp noise too
 DEFAULT = {"atol": 1e-5, "rtol": 1e-5}  # config/config.yaml's tolerance
 INIT = {"init_skip_throwaway", "init_attention_before_conv"}
@@ -42,33 +41,7 @@ CLASS = {
 
 def _capture(out: Path, data: Path, names: list[str], *keys: str) -> Path:
     """One tiny nest capture (seed 42, step 0) built under the mutants, in this process."""
-    from nest_ssl.training import NestPretraining
-    from nestalign.runner import capture_main
-
-    argv = [
-        "--config-path",
-        str(ROOT / "config"),
-        "--config-name",
-        "nest_fast-conformer",
-        f"model.train_ds.manifest_filepath={data}/train_manifest.json",
-        f"model.train_ds.noise_manifest={data}/noise_manifest.json",
-        f"model.validation_ds.manifest_filepath={data}/val_manifest.json",
-        *TINY["model_overrides"],
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "trainer.enable_progress_bar=false",
-        f"output_dir={out}",
-        "seed=42",
-        "save_steps=0",
-        "threads=1",
-        *keys,
-    ]
-    with applied(names):
-        assert (
-            capture_main(argv, "nest", lambda cfg, tr: NestPretraining(cfg=cfg, trainer=tr), "t")
-            == 0
-        )
-    return out / "step_0"
+    return nest_capture(out, data, names, *keys)
 
 
 def _name_map(names: list[str], tmp: Path) -> tuple[NameMap | None, list[str]]:

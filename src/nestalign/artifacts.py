@@ -5,7 +5,8 @@ A step directory holds (see docs/artifacts.md for the full format):
     metadata.json, model_structure.json,
     batch.pt, forward_output.pt, loss.pt,
     parameter_gradients.pt, parameter_weights.pt, layer_outputs.pt,
-    initial_weights.pt, initial_rng.pt (the run's state before its first forward)
+    initial_weights.pt, initial_rng.pt (the run's state before its first forward),
+    training_state.pt (optimizer, schedulers, counters, data position, generators: resume.py)
 
 Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and tensors only, so it
 loads with ``torch.load(path, weights_only=True)``.
@@ -33,8 +34,19 @@ WEIGHTS = "parameter_weights.pt"
 LAYERS = "layer_outputs.pt"
 INITIAL_WEIGHTS = "initial_weights.pt"
 INITIAL_RNG = "initial_rng.pt"
+TRAINING_STATE = "training_state.pt"
 
-TENSOR_FILES = (BATCH, FORWARD, LOSS, GRADS, WEIGHTS, LAYERS, INITIAL_WEIGHTS, INITIAL_RNG)
+TENSOR_FILES = (
+    BATCH,
+    FORWARD,
+    LOSS,
+    GRADS,
+    WEIGHTS,
+    LAYERS,
+    INITIAL_WEIGHTS,
+    INITIAL_RNG,
+    TRAINING_STATE,
+)
 ALL_FILES = (METADATA, STRUCTURE, *TENSOR_FILES)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,7 +28,17 @@ from nestalign import artifacts as art
 from nestalign.capture import LayerRecorder, environment, model_structure, name_outputs
 from nestalign.forcing import ForcingRecorder
 from nestalign.namemap import NameMap
-from nestalign.state import initial_state, start_from
+from nestalign.resume import (
+    TRAINING_STATE,
+    ResumableBatchSampler,
+    ResumeError,
+    Resumer,
+    data_position,
+    named_optimizer_state,
+    trainer_position,
+    wrap_train_loader,
+)
+from nestalign.state import initial_state, rng_states, start_from
 
 
 class CaptureCallback(pl.Callback):
@@ -41,6 +52,7 @@ class CaptureCallback(pl.Callback):
         init_from: str | None = None,
         force_from: str | None = None,
         name_map: NameMap | None = None,
+        resume_from: str | None = None,
     ):
         self.out_dir = out_dir
         self.steps = sorted({int(s) for s in steps})
@@ -50,26 +62,56 @@ class CaptureCallback(pl.Callback):
         self.init_from = init_from
         self.force_from = force_from
         self.name_map = name_map
-        self.forced_step: int | None = None
-        if force_from is not None:
-            meta = art.load_json(f"{force_from}/{art.METADATA}")
-            self.forced_step = int(meta.get("step", -1))
-            if self.forced_step not in self.steps:
-                raise ValueError(
-                    f"force_from={force_from} holds step {meta.get('step')}, which is not among "
-                    f"the steps to capture {self.steps}"
-                )
+        self.forced = _forced_steps(force_from, self.steps)
+        self.resumer = Resumer(resume_from) if resume_from is not None else None
+        if self.resumer is not None and self.steps[0] <= self.resumer.step:
+            raise ValueError(
+                f"resume_from={resume_from} holds step {self.resumer.step}: the steps to capture "
+                f"{self.steps} must all come after it"
+            )
         self.metadata.update(init_from=init_from, force_from=force_from)
         self._recorder: LayerRecorder | None = None
         self._initial: dict[str, Any] | None = None
         self._step: int | None = None
         self._parts: dict[str, Any] = {}
+        self._sampler: list[ResumableBatchSampler] = []
+        self._pending: tuple[art.StepWriter, dict[str, Any]] | None = None
+        self._optimizer_steps = 0
         self.written: list[str] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # Stop after the last captured step. Set here, once the schedulers exist: they are built
+        # from the config's run length, which must not depend on the steps captured.
+        loop = trainer.fit_loop.epoch_loop
+        last = self.steps[-1] + 1
+        loop.max_steps = last if loop.max_steps < 0 else min(loop.max_steps, last)
+        resumer = self.resumer
+        self._sampler = wrap_train_loader(
+            pl_module,
+            self._finish_pending,
+            resumer.data() if resumer else None,
+            resumer.on_resume(trainer) if resumer else None,
+        )
+        if self.resumer is not None:
+            self.resumer.on_fit_start(trainer, pl_module)
+            first = self.resumer.step_dir
+            self._initial = {
+                "weights": art.load_tensors(f"{first}/{art.INITIAL_WEIGHTS}"),
+                "rng": art.load_tensors(f"{first}/{art.INITIAL_RNG}"),
+            }
+            return
         if self.init_from is not None:
             start_from(pl_module, self.init_from, self.name_map)
         self._initial = initial_state(pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.resumer is not None:
+            if not self._sampler:
+                raise ResumeError(
+                    f"resume_from={self.resumer.step_dir}: this run's train loader cannot be "
+                    "resumed (it needs a batch sampler and num_workers=0)"
+                )
+            self.resumer.on_train_start(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -77,9 +119,9 @@ class CaptureCallback(pl.Callback):
             return
         self._step = step
         # The batch is copied before the forward: the model may modify it in place (dither).
-        self._parts = {"batch": art.to_plain(batch)}
-        if step == self.forced_step:
-            ref_calls = art.load_tensors(f"{self.force_from}/{art.LAYERS}")
+        self._parts = {"batch": art.to_plain(batch), "rng_before": rng_states()}
+        if step in self.forced:
+            ref_calls = art.load_tensors(f"{self.forced[step]}/{art.LAYERS}")
             self._recorder = ForcingRecorder(pl_module, ref_calls, self.name_map, self.layer_grads)
         else:
             self._recorder = LayerRecorder(pl_module, grads=self.layer_grads)
@@ -90,6 +132,7 @@ class CaptureCallback(pl.Callback):
             self._parts["loss"] = loss.detach().to("cpu", copy=True)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._optimizer_steps += 1
         if self._recorder is None:
             return
         self._recorder.stop()  # nothing after the backward belongs to this step's calls
@@ -108,8 +151,10 @@ class CaptureCallback(pl.Callback):
         recorder.stop()
         if "loss" not in parts and isinstance(outputs, dict) and "loss" in outputs:
             parts["loss"] = outputs["loss"].detach().to("cpu", copy=True)
+        self._finish_pending()
         writer = art.StepWriter(self.out_dir, step)
         try:
+            state = training_state(trainer, pl_module, parts, self._sampler)
             loss = parts.get("loss")
             meta = {
                 **self.metadata,
@@ -117,7 +162,12 @@ class CaptureCallback(pl.Callback):
                 "global_step_after": trainer.global_step,
                 "lr": parts.get("lr"),
                 "loss": None if loss is None else _finite_or_str(float(loss)),
-                "forced": step == self.forced_step,
+                "forced": step in self.forced,
+                "run": {
+                    "resumed_from": self.resumer.step_dir if self.resumer else None,
+                    "optimizer_steps": self._optimizer_steps,
+                },
+                "resumable": state["data"] is not None,
                 **environment(),
             }
             writer.json(art.METADATA, meta)
@@ -131,18 +181,80 @@ class CaptureCallback(pl.Callback):
             initial = self._initial or {"weights": {}, "rng": {}}
             writer.tensors(art.INITIAL_WEIGHTS, initial["weights"])
             writer.tensors(art.INITIAL_RNG, initial["rng"])
+        except BaseException:
+            writer.abort()
+            raise
+        # Committed once the run has gone past what follows the step (see _finish_pending).
+        self._pending = (writer, state)
+
+    def _finish_pending(self) -> None:
+        """Write the pending step's generator state as of now, and commit the step.
+
+        Called when the loader next asks for data and when training ends: what lies between the
+        step and that moment (an epoch's validation) is part of the state a resumed run skips.
+        """
+        if self._pending is None:
+            return
+        (writer, state), self._pending = self._pending, None
+        try:
+            writer.tensors(TRAINING_STATE, {**state, "rng_after": rng_states()})
             self.written.append(str(writer.commit()))
         except BaseException:
             writer.abort()
             raise
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._pending is not None:
+            self._pending[0].abort()
+            self._pending = None
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self._finish_pending()
         missing = [s for s in self.steps if not any(p.endswith(f"step_{s}") for p in self.written)]
         if missing:
             raise RuntimeError(
                 f"training ended at step {trainer.global_step} before capturing steps {missing}: "
                 "raise trainer.max_steps or give the loader more data"
             )
+
+
+def training_state(
+    trainer, pl_module, parts: dict[str, Any], sampler: list[ResumableBatchSampler]
+) -> dict[str, Any]:
+    """Optimizer, schedulers, counters and data position after the step (TRAINING_STATE)."""
+    grads = parts.get("grads", {})
+    norms = [g.double().norm() for g in grads.values() if g.is_floating_point()]
+    return {
+        "optimizer": named_optimizer_state(trainer.optimizers[0], pl_module),
+        "lr_applied": parts.get("lr"),
+        "grad_norm": torch.stack(norms).norm() if norms else None,
+        "schedulers": [
+            art.to_plain(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs
+        ],
+        "position": trainer_position(trainer),
+        "data": data_position(sampler[0] if sampler else None, trainer),
+        "rng_before": parts.get("rng_before"),
+    }
+
+
+def _forced_steps(force_from: str | None, steps: list[int]) -> dict[int, str]:
+    """{step: reference step dir} to teacher-force: one step dir, or a run dir of step_N dirs."""
+    if force_from is None:
+        return {}
+    if Path(force_from, art.METADATA).is_file():
+        meta = art.load_json(f"{force_from}/{art.METADATA}")
+        step = int(meta.get("step", -1))
+        if step not in steps:
+            raise ValueError(
+                f"force_from={force_from} holds step {meta.get('step')}, which is not among "
+                f"the steps to capture {steps}"
+            )
+        return {step: force_from}
+    dirs = {s: str(art.step_dir(force_from, s)) for s in steps}
+    missing = [s for s, d in dirs.items() if not Path(d, art.METADATA).is_file()]
+    if missing:
+        raise ValueError(f"force_from={force_from}: no reference capture of steps {missing}")
+    return dirs
 
 
 def _finite_or_str(x: float) -> float | str:

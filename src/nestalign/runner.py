@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from nestalign import artifacts as art
 from nestalign.manifests import check_manifests
 from nestalign.namemap import NameMap, NameMapError
+from nestalign.resume import ResumeError
 from nestalign.state import InitError
 
 OUTPUT_NAMES = ("log_probs", "encoded_len", "masks", "tokens")
@@ -45,7 +46,9 @@ def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
         "fault (MODULE_PATH*FACTOR: scale that module's output, a planted fault), "
         "init_from (a reference step dir: start from its initial weights and generators), "
         "force_from (a reference step dir: teacher-force that step), "
-        "name_map (YAML: candidate -> reference names, for init_from and force_from).",
+        "name_map (YAML: candidate -> reference names, for init_from and force_from), "
+        "resume_from (a step dir of this run's own earlier capture: continue right after it), "
+        "run_key (kept in metadata: the workflow resumes only runs of the same key).",
     )
     parser.add_argument("--config-path", "-cp", default="config", help="config directory")
     parser.add_argument("--config-name", "-cn", default="nest_fast-conformer")
@@ -141,10 +144,11 @@ def _existing_dir(value: Any, key: str) -> str | None:
     return str(value)
 
 
-def trainer_kwargs(cfg: DictConfig, max_step: int, deterministic: bool) -> dict[str, Any]:
+def trainer_kwargs(cfg: DictConfig, deterministic: bool) -> dict[str, Any]:
+    """The config's trainer arguments; the run's length stays the config's, so the schedulers
+    see it (CaptureCallback ends training after the last captured step)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(
-        max_steps=max_step + 1,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -180,6 +184,7 @@ def capture_main(
         "device": str(cfg.trainer.get("accelerator", "cpu")),
         "config_sha256": config_sha256(cfg),
         "overrides": list(args.overrides),
+        "run_key": cfg.get("run_key"),
         **numerics,
     }
     try:
@@ -192,18 +197,19 @@ def capture_main(
             init_from=_existing_dir(cfg.get("init_from"), "init_from"),
             force_from=_existing_dir(cfg.get("force_from"), "force_from"),
             name_map=name_map,
+            resume_from=_existing_dir(cfg.get("resume_from"), "resume_from"),
         )
-    except (NameMapError, art.ArtifactError, ValueError) as exc:
+    except (NameMapError, art.ArtifactError, ResumeError, ValueError) as exc:
         raise SystemExit(str(exc)) from None
     seed_everything(seed)
-    kwargs = trainer_kwargs(cfg, steps[-1], deterministic)
+    kwargs = trainer_kwargs(cfg, deterministic)
     trainer = pl.Trainer(**kwargs, callbacks=[callback])
     model = build_model(cfg.model, trainer)
     if cfg.get("fault"):
         callback.metadata["fault"] = plant_fault(model, str(cfg.fault))
     try:
         trainer.fit(model)
-    except (InitError, art.ArtifactError) as exc:
+    except (InitError, ResumeError, art.ArtifactError) as exc:
         raise SystemExit(str(exc)) from None
     for path in callback.written:
         print(f"captured {path}", file=sys.stderr)

@@ -103,7 +103,9 @@ def _dict_category(
         ref_items = _drop_ignored(ref_items, name_map, ignored)
         cand_items = _drop_ignored(cand_items, name_map, ignored)
     atol, rtol = _tol(tols, category)
-    atol_of = gradient_atol if category == "grads" and grads_scaled(tols) else None
+    # gradients and the optimizer's moments: atol scaled to each tensor's size (scaled_atol)
+    scaled = category in ("grads", "optimizer") and grads_scaled(tols)
+    atol_of = gradient_atol if scaled else None
     rows = _pairs(ref_items, cand_items, atol, rtol, atol_of)
     for row in rows:
         if origin.get(row["name"], row["name"]) != row["name"]:

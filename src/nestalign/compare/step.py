@@ -21,6 +21,7 @@ from nestalign.compare.layers import _layers, fp_noise
 from nestalign.compare.reader import StepSource
 from nestalign.compare.rows import FAILED, _summarise
 from nestalign.compare.tolerances import NOISE_FACTOR, TOLERANCE_KEYS, load_tolerances
+from nestalign.compare.training import training_categories
 from nestalign.namemap import IDENTITY, NameMap, NameMapError
 
 FORMAT = "nestalign.compare/1"
@@ -289,6 +290,15 @@ def compare_steps(
     ):
         guarded(category, lambda c=category, f=file, m=mapped: simple(c, f, m), file)
     guarded("layers", layers, art.LAYERS)
+
+    def training() -> None:
+        found, why = training_categories(ref, cand, tols, nmap)
+        if why is not None:
+            note = {"category": "optimizer", "name": "training state", "reason": why}
+            result["notes"].append(note)
+        cats.update(found)
+
+    guarded("optimizer", training, art.TRAINING_STATE)
     if "layer_grads" not in cats:
         cats["layer_grads"] = {**_summarise([]), "error": cats["layers"].get("error")}
     if cats["grads"].get("error") is None:

@@ -21,6 +21,8 @@ TOLERANCE_KEYS = (
     "weights",
     "layers",
     "layer_grads",
+    "optimizer",
+    "rng",
 )
 NOISE_FACTOR = 1024.0  # a tensor below NOISE_FACTOR * eps * (its module's scale) is noise
 GRAD_ATOL_MODES = ("scaled", "absolute")
