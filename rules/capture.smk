@@ -1,45 +1,61 @@
-# One capture job per (framework, seed, step), each in its framework's own environment.
-# A job trains from scratch up to its step and saves that step only, so steps are independent jobs.
-# With `isolation:` the candidate's job starts from (and is forced by) the reference's step.
+# One capture run per (framework, seed), in the framework's own environment: it trains once
+# through the seed's steps and writes each captured step's directory. Runs resume after the last
+# step already captured under the same run key (rules/common.smk), so extending `steps` trains
+# only the new steps; seeds whose runs share a plan share a rule (capture_<fw> for runs from
+# step 0, capture_<fw>_after_<step> for resumed ones). With `isolation:` the candidate's run
+# starts from (and is forced by) the reference's captures of the seed.
 
 
 for _fw, _spec in FRAMEWORKS.items():
+    if _fw not in (REFERENCE, CANDIDATE):
+        continue
+    for _resume, (_steps, _seeds) in run_groups(_fw).items():
+        _span = f"steps_{_steps[0]}-{_steps[-1]}"
 
-    rule:
-        name:
-            f"capture_{_fw}"
-        input:
-            script=_spec["script"],
-            code=CAPTURE_LIBRARY + sources(_spec.get("sources", [])),
-            model_config=MODEL_CONFIG,
-            data=list(MANIFESTS.values()),
-            env=env_ready(_spec["env"]),
-            reference=isolation_inputs(_fw),
-        output:
-            capture_outputs(_fw),
-        log:
-            f"results/logs/capture/{_fw}/seed_{{seed}}/step_{{step}}.log",
-        benchmark:
-            f"results/benchmarks/capture/{_fw}/seed_{{seed}}/step_{{step}}.tsv"
-        wildcard_constraints:
-            seed=r"\d+",
-            step=r"\d+",
-        conda:
-            f"../envs/{_spec['env']}.yaml"
-        threads: THREADS
-        resources:
-            gpu=1 if config["device"] == "gpu" else 0,
-            mem_mb=CAPTURE_MEM_MB,
-            runtime=capture_runtime,
-        params:
-            python=interpreter(_spec["env"]),
-            overrides=capture_overrides(_fw),
-            threads=THREADS,
-            deterministic=str(DETERMINISTIC).lower(),
-            run_dir=lambda w, fw=_fw: f"results/capture/{fw}/seed_{w.seed}",
-            isolation=lambda w, fw=_fw: isolation_overrides(fw, w.seed, w.step),
-        shell:
-            "{params.python} {input.script} --config-path config --config-name nest_fast-conformer"
-            " {params.overrides} output_dir={params.run_dir} seed={wildcards.seed}"
-            " save_steps={wildcards.step} threads={params.threads}"
-            " deterministic={params.deterministic} {params.isolation} > {log} 2>&1"
+        rule:
+            name:
+                f"capture_{_fw}"
+                if _resume is None
+                else f"capture_{_fw}_after_{_resume}"
+            input:
+                script=_spec["script"],
+                code=CAPTURE_LIBRARY + sources(_spec.get("sources", [])),
+                model_config=MODEL_CONFIG,
+                data=list(MANIFESTS.values()),
+                env=env_ready(_spec["env"]),
+                validated=validated(_fw),
+                resume=resume_inputs(_fw, _resume),
+                reference=isolation_inputs(_fw, _steps),
+            output:
+                capture_outputs(_fw, _steps),
+            log:
+                f"results/logs/capture/{_fw}/seed_{{seed}}/{_span}.log",
+            benchmark:
+                f"results/benchmarks/capture/{_fw}/seed_{{seed}}/{_span}.tsv"
+            wildcard_constraints:
+                seed="|".join(_seeds),
+            conda:
+                f"../envs/{_spec['env']}.yaml"
+            threads: THREADS
+            resources:
+                gpu=1 if config["device"] == "gpu" else 0,
+                mem_mb=CAPTURE_MEM_MB,
+                runtime=capture_runtime(_resume, _steps),
+            params:
+                python=interpreter(_spec["env"]),
+                overrides=capture_overrides(_fw),
+                threads=THREADS,
+                deterministic=str(DETERMINISTIC).lower(),
+                run_dir=lambda w, fw=_fw: f"results/capture/{fw}/seed_{w.seed}",
+                steps=",".join(str(s) for s in _steps),
+                run_key=RUN_KEYS[_fw],
+                resume=lambda w, fw=_fw, r=_resume: (
+                    "" if r is None else f"resume_from={step_dir(fw, w.seed, r)}"
+                ),
+                isolation=lambda w, fw=_fw: isolation_overrides(fw, w.seed),
+            shell:
+                "exec {params.python} {input.script} --config-path config"
+                " --config-name nest_fast-conformer {params.overrides}"
+                " output_dir={params.run_dir} seed={wildcards.seed} save_steps={params.steps}"
+                " threads={params.threads} deterministic={params.deterministic}"
+                " run_key={params.run_key} {params.resume} {params.isolation} > {log} 2>&1"

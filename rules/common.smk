@@ -1,5 +1,6 @@
 # Paths, environment selection and helpers shared by the rules.
 
+import hashlib
 import json
 import shlex
 import sys
@@ -33,6 +34,7 @@ CAPTURE_FILES = (
     "layer_outputs.pt",
     "initial_weights.pt",
     "initial_rng.pt",
+    "training_state.pt",
 )
 # What each side imports of the library (tests/test_triggers.py checks these against the imports):
 # an edit reruns only the jobs that run that code.
@@ -47,6 +49,7 @@ CAPTURE_LIBRARY = [
         "forcing",
         "manifests",
         "namemap",
+        "resume",
         "runner",
         "state",
     )
@@ -84,9 +87,9 @@ def all_captures():
 KEEP_CAPTURES = bool(config.get("keep_captures", True))
 
 
-def capture_outputs(framework):
-    """A capture job's files: temporary with keep_captures: false (deleted once compared)."""
-    files = capture_files(framework)
+def capture_outputs(framework, steps):
+    """A run's step files: temporary with keep_captures: false (deleted once compared)."""
+    files = [path for step in steps for path in capture_files(framework, step=step)]
     return files if KEEP_CAPTURES else temp(files)
 
 
@@ -131,25 +134,119 @@ def capture_overrides(framework):
     return " ".join(shlex.quote(item) for item in items)
 
 
+# Runs: one capture job per (framework, seed) trains once through the seed's steps. A run whose
+# earlier steps are on disk, complete and made by the same run key (everything that decides what
+# a capture holds) resumes after the last of them: only new steps train. The resumed-from step's
+# files are the job's declared inputs; a changed key reruns the seed from step 0.
+STEPS = sorted({int(s) for s in config["steps"]})
+
+
+def _digest(paths):
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.encode())
+        h.update(Path(path).read_bytes() if Path(path).is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+def run_key(framework):
+    """What decides a framework's captures, hashed: code, configs, data, numerics, isolation."""
+    spec = FRAMEWORKS[framework]
+    files = [
+        spec["script"],
+        MODEL_CONFIG,
+        f"envs/{spec['env']}.yaml",
+        *env_lock(spec["env"]),
+    ]
+    files += CAPTURE_LIBRARY + DATA_LIBRARY + sources(spec.get("sources", []))
+    files += [config["name_map"]] if config.get("name_map") else []
+    facts = {
+        "framework": framework,
+        "overrides": capture_overrides(framework),
+        "data": config["data"],
+        "threads": THREADS,
+        "deterministic": DETERMINISTIC,
+        "device": config["device"],
+        "files": _digest(files),
+    }
+    if framework == CANDIDATE and ISOLATED:  # the reference's captures are its inputs
+        facts["isolation"] = {**ISOLATION, "reference": run_key(REFERENCE)}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _captured(framework, seed, step, key):
+    """Metadata of a complete capture of this step made under ``key``, or None."""
+    if not all(Path(p).is_file() for p in capture_files(framework, seed, step)):
+        return None
+    try:
+        meta = json.loads(
+            Path(step_dir(framework, seed, step), "metadata.json").read_text()
+        )
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("run_key") == key else None
+
+
+def run_plan(framework, seed):
+    """(the step to resume after or None, the steps this run captures) for one seed."""
+    key = RUN_KEYS[framework]
+    done = None
+    for step in STEPS:
+        meta = _captured(framework, seed, step, key)
+        if meta is None:
+            break
+        done = (step, meta)
+    if done is None:
+        return None, STEPS
+    todo = [s for s in STEPS if s > done[0]]
+    if todo and not done[1].get("resumable"):
+        return (
+            None,
+            STEPS,
+        )  # its loader could not be resumed: the seed reruns from step 0
+    return done[0], todo
+
+
+def run_groups(framework):
+    """{resume step or None: (seeds, steps)}: seeds whose runs share a plan share a rule."""
+    groups = {}
+    for seed in config["seeds"]:
+        resume, todo = run_plan(framework, seed)
+        if todo:
+            groups.setdefault(resume, (todo, []))[1].append(str(seed))
+    return groups
+
+
+def resume_inputs(framework, resume):
+    """The files a resumed run starts from: the step's weights, training state and metadata."""
+    if resume is None:
+        return []
+    names = ("metadata.json", "parameter_weights.pt", "training_state.pt")
+    names += ("initial_weights.pt", "initial_rng.pt")
+    return [f"{step_dir(framework, '{seed}', resume)}/{name}" for name in names]
+
+
 ISOLATION = config.get("isolation") or {}
 ISOLATED = ISOLATION.get("init") == "reference" or bool(ISOLATION.get("forcing"))
 
 
-def isolation_inputs(framework):
-    """The reference's step files that an isolated candidate capture starts from."""
+def isolation_inputs(framework, steps):
+    """The reference's files an isolated candidate run starts from (and is forced by)."""
     if framework != CANDIDATE or not ISOLATED:
         return []
-    return capture_files(REFERENCE)
+    forced = steps if ISOLATION.get("forcing") else []
+    return sorted(
+        {p for step in {STEPS[0], *forced} for p in capture_files(REFERENCE, step=step)}
+    )
 
 
-def isolation_overrides(framework, seed, step):
-    """init_from / force_from (and the name map) for an isolated candidate capture."""
+def isolation_overrides(framework, seed):
+    """init_from / force_from (and the name map) for an isolated candidate run."""
     if framework != CANDIDATE or not ISOLATED:
         return ""
-    ref = step_dir(REFERENCE, seed, step)
-    items = [f"init_from={ref}"]
+    items = [f"init_from={step_dir(REFERENCE, seed, STEPS[0])}"]
     if ISOLATION.get("forcing"):
-        items.append(f"force_from={ref}")
+        items.append(f"force_from=results/capture/{REFERENCE}/seed_{seed}")
     if config.get("name_map"):
         items.append(f"name_map={config['name_map']}")
     return " ".join(shlex.quote(item) for item in items)
@@ -182,7 +279,7 @@ DETERMINISTIC = bool(config.get("deterministic", True))
 # Cluster resources, derived from the model size in the config (`model.encoder.d_model` and
 # `n_layers` from model_overrides over config/nest_fast-conformer.yaml). Measured on the CPU:
 # the full size (d 512, 17 layers, 113 M parameters) needs about 5 GB per capture and 2 minutes
-# for steps 0-1; a job trains from scratch up to its step, so runtime grows with the step.
+# for steps 0-1; a run trains from its start (step 0, or the step it resumes after) to its last.
 def _encoder_size():
     import yaml
 
@@ -211,9 +308,10 @@ CAPTURE_MEM_MB = _round_up(3000 + 25 * MPARAMS, 500)
 COMPARE_MEM_MB = _round_up(2000 + 20 * MPARAMS, 500)
 
 
-def capture_runtime(wildcards):
-    """Minutes for one capture job: start-up plus training up to its step."""
-    return _round_up(10 + MPARAMS * (int(wildcards.step) + 1) / 20, 5)
+def capture_runtime(resume, steps):
+    """Minutes for one run: start-up plus the steps it trains."""
+    trained = steps[-1] - (-1 if resume is None else resume)
+    return _round_up(10 + MPARAMS * trained / 20, 5)
 
 
 COMPARE_RUNTIME = _round_up(5 + MPARAMS / 20, 5)
@@ -238,3 +336,6 @@ def build_venv(input, params, log):
             fh.write(line)
         if proc.wait():
             raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
+RUN_KEYS = {framework: run_key(framework) for framework in (REFERENCE, CANDIDATE)}

@@ -132,6 +132,8 @@ def append(path: Path, text: str = "\n# an edit\n") -> None:
 
 
 DOWNSTREAM = {"compare": 2, "summary": 1, "report": 1, "all": 1}
+RUNS = {"capture_nemo": 1, "capture_nest": 1}  # one run per framework and seed: steps 0 and 1
+VALIDATIONS = {"validate_nemo": 1, "validate_nest": 1}
 
 
 @pytest.mark.parametrize(
@@ -170,25 +172,30 @@ def test_a_report_edit_reruns_only_the_report(work):
 def test_a_capture_side_edit_reruns_both_frameworks_captures(work):
     append(work / "src/nestalign/runner.py")
     proc = dry_run(work)
-    assert job_counts(proc.stdout) == {"capture_nemo": 2, "capture_nest": 2, **DOWNSTREAM}
-    assert reasons(proc.stdout)["capture_nemo"] == {"Updated input files: src/nestalign/runner.py"}
+    assert job_counts(proc.stdout) == {**VALIDATIONS, **RUNS, **DOWNSTREAM}
+    why = reasons(proc.stdout)
+    assert why["validate_nemo"] == {"Updated input files: src/nestalign/runner.py"}
+    assert why["capture_nemo"] == {
+        "Input files updated by another job: results/validation/nemo.json"
+    }
 
 
 def test_a_port_edit_reruns_only_the_ports_captures(work):
     append(work / "src/nest_ssl/model.py")
-    assert job_counts(dry_run(work).stdout) == {"capture_nest": 2, **DOWNSTREAM}
+    counts = job_counts(dry_run(work).stdout)
+    assert counts == {"validate_nest": 1, "capture_nest": 1, **DOWNSTREAM}
 
 
 def test_a_dummy_data_edit_reruns_the_data_and_all_after_it(work):
     append(work / "src/nestalign/dummy_data.py")
     counts = job_counts(dry_run(work).stdout)
-    assert counts == {"make_data": 1, "capture_nemo": 2, "capture_nest": 2, **DOWNSTREAM}
+    assert counts == {"make_data": 1, **VALIDATIONS, **RUNS, **DOWNSTREAM}
 
 
 @pytest.mark.parametrize("change", [{"threads": 1}, {"deterministic": False}])
 def test_capture_numerics_are_params_of_the_captures(work, change):
     proc = dry_run(work, **change)
-    assert job_counts(proc.stdout) == {"capture_nemo": 2, "capture_nest": 2, **DOWNSTREAM}
+    assert job_counts(proc.stdout) == {**RUNS, **DOWNSTREAM}
     for rule in ("capture_nemo", "capture_nest"):
         assert all(r.startswith("Params have changed") for r in reasons(proc.stdout)[rule])
 
@@ -201,8 +208,8 @@ def test_the_device_reruns_captures_and_rebuilds_envs_in_the_gpu_build(work):
         "venv_nemo": 1,
         "venv_nest": 1,
         "make_data": 1,
-        "capture_nemo": 2,
-        "capture_nest": 2,
+        **VALIDATIONS,
+        **RUNS,
         **DOWNSTREAM,
     }
     # the torch build is a param; with committed CPU locks the lock input changes too
@@ -214,8 +221,8 @@ def test_the_device_reruns_captures_and_rebuilds_envs_in_the_gpu_build(work):
 
 def test_fewer_cores_than_threads_keep_the_configured_threads(work):
     proc = dry_run(work, "-j1", "--forceall", "--printshellcmds")
-    commands = [line for line in proc.stdout.splitlines() if "--config-path" in line]
-    assert len(commands) == 4, proc.stdout
+    commands = [line for line in proc.stdout.splitlines() if " save_steps=" in line]
+    assert len(commands) == 2, proc.stdout  # one run per framework
     assert all(" threads=2 " in line for line in commands), commands
 
 
