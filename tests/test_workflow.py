@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -102,27 +103,48 @@ def test_adding_a_seed_schedules_only_that_seed(workdir):
     counts = job_counts(snakemake(workdir, "-n", "--configfile", str(config)).stdout)
     assert counts == {
         "all": 1,
-        "capture_nemo": 2,
-        "capture_nest": 2,
+        "capture_nemo": 1,  # one run per framework for the new seed
+        "capture_nest": 1,
         "compare": 2,
         "summary": 1,
         "report": 1,
     }
 
 
-def test_adding_a_step_schedules_only_that_step(workdir):
-    config = write_config(workdir / "more_steps.yaml", steps=[0, 1, 2])
-    proc = snakemake(workdir, "-n", "--configfile", str(config))
-    counts = job_counts(proc.stdout)
-    assert counts == {
+def test_adding_a_step_resumes_each_run_after_the_last_captured_step(workdir, tmp_path):
+    """steps [0, 1] -> [0, 1, 2]: each framework's run resumes after step 1 and trains step 2
+    only (counted in its metadata); the comparison of step 2 agrees. A config change instead
+    reruns the seed from step 0."""
+    work = tmp_path / "extend"
+    shutil.copytree(workdir, work, symlinks=True)
+    config = write_config(work / "more_steps.yaml", steps=[0, 1, 2])
+    proc = snakemake(work, "-n", "--configfile", str(config))
+    assert job_counts(proc.stdout) == {
         "all": 1,
-        "capture_nemo": 1,
-        "capture_nest": 1,
+        "capture_nemo_after_1": 1,
+        "capture_nest_after_1": 1,
         "compare": 1,
         "summary": 1,
         "report": 1,
     }
-    assert "seed_3/step_2" in proc.stdout
+    snakemake(work, "-j2", "--configfile", str(config))
+    for fw in ("nemo", "nest"):
+        meta = json.loads((work / f"results/capture/{fw}/seed_3/step_2/metadata.json").read_text())
+        assert meta["run"] == {
+            "resumed_from": f"results/capture/{fw}/seed_3/step_1",
+            "optimizer_steps": 1,
+        }
+    with open(work / "results/summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [(r["step"], r["verdict"]) for r in rows] == [
+        ("0", "PASS"),
+        ("1", "PASS"),
+        ("2", "PASS"),
+    ]
+    changed = write_config(work / "threads.yaml", steps=[0, 1, 2], threads=1)
+    counts = job_counts(snakemake(work, "-n", "--configfile", str(changed)).stdout)
+    assert counts["capture_nemo"] == counts["capture_nest"] == 1  # from step 0: no "_after_"
+    assert counts["compare"] == 3
 
 
 def test_a_config_typo_is_rejected_with_the_key_named(workdir):
@@ -262,7 +284,8 @@ def test_a_changed_pin_rebuilds_only_that_env_and_its_captures(workdir, tmp_path
     assert counts == {
         "all": 1,
         "venv_nest": 1,
-        "capture_nest": 2,
+        "validate_nest": 1,
+        "capture_nest": 1,
         "compare": 2,
         "summary": 1,
         "report": 1,
