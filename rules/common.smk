@@ -59,7 +59,9 @@ COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.p
     for name in ("__init__", "align", "artifacts", "metrics", "namemap")
 ]
 SUMMARY_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/summary.py"]
-REPORT_LIBRARY = SUMMARY_LIBRARY + ["src/nestalign/report.py"]
+REPORT_LIBRARY = SUMMARY_LIBRARY + [
+    f"src/nestalign/report{p}.py" for p in ("", "_rows", "_svg")
+]
 DATA_LIBRARY = ["src/nestalign/dummy_data.py"]
 
 

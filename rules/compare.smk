@@ -41,7 +41,9 @@ rule summary:
         code=SUMMARY_LIBRARY,
         env=env_ready("align"),
     output:
-        tsv=report("results/summary.tsv", category="Summary"),
+        tsv=report(
+            "results/summary.tsv", caption="../report/summary.rst", category="Summary"
+        ),
         md="results/summary.md",
     log:
         "results/logs/summary.log",
@@ -64,7 +66,14 @@ rule report:
         code=REPORT_LIBRARY,
         env=env_ready("align"),
     output:
-        report("results/report.html", category="Report"),
+        html=report(
+            "results/report.html", caption="../report/report.rst", category="Report"
+        ),
+        rows=[
+            f"results/report/rows/seed_{seed}_step_{step}.tsv"
+            for seed in config["seeds"]
+            for step in config["steps"]
+        ],
     log:
         "results/logs/report.log",
     benchmark:
@@ -74,5 +83,10 @@ rule report:
         "../envs/align.yaml"
     params:
         python=interpreter("align"),
+        rows_dir="results/report/rows",
+        reference=REFERENCE,
+        candidate=CANDIDATE,
     shell:
-        "{params.python} {input.script} --out {output} {input.comparisons} > {log} 2>&1"
+        "{params.python} {input.script} --out {output.html} --rows-dir {params.rows_dir}"
+        " --reference {params.reference:q} --candidate {params.candidate:q}"
+        " {input.comparisons} > {log} 2>&1"
