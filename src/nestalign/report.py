@@ -485,7 +485,7 @@ def _step_section(e: Entry, rows_href: str) -> tuple[str, str]:
         parts.append("<ul>" + "".join(items) + "</ul>")
     parts.append(_divergences(r))
     roots, per_call, flat = rr.step_lines(r)
-    calls = {c.key: c for c in per_call if c is not None}
+    calls = {c.key: c for c in per_call}
     parts.append(execution_charts(r, calls))
     cats = [c for c in (r.get("categories") or {}) if (r["categories"][c] or {}).get("rows")]
     options = '<option value="">all categories</option>' + "".join(

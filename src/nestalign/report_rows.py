@@ -152,11 +152,10 @@ def _cells(
 
 @dataclass
 class Line:
-    """One row of the table (and of the TSV), with its place in the call tree."""
+    """One row of the table (and of the TSV), with its depth in the call tree."""
 
     cells: dict[str, str]
     depth: int
-    call: Call | None
 
     @property
     def failing(self) -> bool:
@@ -169,13 +168,13 @@ class Line:
 
 def step_lines(
     result: dict[str, Any],
-) -> tuple[list[Call], dict[Call | None, list[Line]], list[Line]]:
+) -> tuple[list[Call], dict[Call, list[Line]], list[Line]]:
     """Call roots, each call's lines (outputs, then gradients), and the flat categories' lines."""
     roots, calls = call_tree(result)
     mark = marks(result, calls)
     walk = _walk(result)
     forced = {k: c.rows["layers"].get("forced") for k, c in calls.items() if "layers" in c.rows}
-    per_call: dict[Call | None, list[Line]] = {}
+    per_call: dict[Call, list[Line]] = {}
 
     def visit(call: Call, depth: int) -> None:
         parent = call.parent.key if call.parent else str(call.row.get("parent") or "")
@@ -192,7 +191,7 @@ def step_lines(
                 mark.get((cat, call.key), []),
                 walk.get((cat, call.key), ""),
             )
-            per_call.setdefault(call, []).append(Line(cells, depth, call))
+            per_call.setdefault(call, []).append(Line(cells, depth))
         for child in call.children:
             visit(child, depth + 1)
 
@@ -204,13 +203,11 @@ def step_lines(
             continue
         for row in c.get("rows") or []:
             name = str(row.get("name", ""))
-            flat.append(Line(_cells(cat, row, None, "", mark.get((cat, name), []), ""), 0, None))
+            flat.append(Line(_cells(cat, row, None, "", mark.get((cat, name), []), ""), 0))
     return roots, per_call, flat
 
 
-def ordered(
-    roots: list[Call], per_call: dict[Call | None, list[Line]], flat: list[Line]
-) -> list[Line]:
+def ordered(roots: list[Call], per_call: dict[Call, list[Line]], flat: list[Line]) -> list[Line]:
     """Every line in table order: calls depth first in start order, then the flat categories."""
     out: list[Line] = []
 

@@ -111,16 +111,15 @@ class _Scale:
     def y_ticks(self) -> list[tuple[float, str]]:
         if self.log:
             step = max(1, math.ceil((self.y1 - self.y0) / 8))
-            ticks = [(float(self.zero), "0")]
+            ticks = [(0.0, "0")]
             e = self.zero + step
             while e <= self.y1:
                 ticks.append((10.0**e, f"1e{e}"))
                 e += step
             return ticks
-        return [
-            (self.y0 + (self.y1 - self.y0) * i / 5, f"{self.y0 + (self.y1 - self.y0) * i / 5:.4g}")
-            for i in range(6)
-        ]
+        step = (self.y1 - self.y0) / 5
+        digits = max(0, 1 - math.floor(math.log10(step)))
+        return [(self.y0 + step * i, f"{self.y0 + step * i:.{digits}f}") for i in range(6)]
 
     def x_ticks(self, integer: bool) -> list[float]:
         span = self.x1 - self.x0
@@ -144,7 +143,7 @@ def render(chart: Chart) -> str:
     ]
     plot_bottom, plot_top = HEIGHT - BOTTOM, TOP
     for y, label in s.y_ticks():
-        yy = s.py(y) if s.log else s.py(y)
+        yy = s.py(y)
         out.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{yy}" y2="{yy}"/>')
         out.append(
             f'<text class="tick" x="{LEFT - 4}" y="{yy + 3}" text-anchor="end">{label}</text>'
