@@ -28,7 +28,6 @@ localrules:
 rule all:
     default_target: True
     input:
-        all_captures(),
         all_comparisons(),
         "results/summary.tsv",
         "results/summary.md",

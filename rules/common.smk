@@ -73,19 +73,6 @@ def capture_files(framework, seed="{seed}", step="{step}"):
     return [f"{step_dir(framework, seed, step)}/{name}" for name in CAPTURE_FILES]
 
 
-def all_captures():
-    """Every capture file, or nothing with keep_captures: false (the comparisons pull them in)."""
-    if not KEEP_CAPTURES:
-        return []
-    return [
-        path
-        for framework in (REFERENCE, CANDIDATE)
-        for seed in config["seeds"]
-        for step in config["steps"]
-        for path in capture_files(framework, seed, step)
-    ]
-
-
 KEEP_CAPTURES = bool(config.get("keep_captures", True))
 
 
