@@ -193,11 +193,39 @@ def markdown(table: list[dict[str, Any]]) -> str:
         lines += [
             f"- seed {row['seed']} step {row['step']}: {row['divergences']}" for row in listed
         ]
+    lines += growth(table)
     errors = [(row, e) for row in table for e in row["errors"]]
     if errors:
         lines += ["", "Errors:", ""]
         lines += [f"- seed {row['seed']} step {row['step']}: {e}" for row, e in errors]
     return "\n".join(lines) + "\n"
+
+
+def growth(table: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per (pair, seed) with several steps, each drift category's worst max abs
+    at its first and last step and the growth per step between them (a long drift sweep's
+    figure: config/sweeps/drift.yaml)."""
+    runs: dict[tuple, list[dict[str, Any]]] = {}
+    for row in table:
+        if isinstance(row["step"], int):
+            runs.setdefault((row["reference"], row["candidate"], row["seed"]), []).append(row)
+    lines = []
+    for (ref, cand, seed), steps in runs.items():
+        if len(steps) < 2:
+            continue
+        first, last = steps[0], steps[-1]
+        span = last["step"] - first["step"]
+        parts = []
+        for cat in DRIFT_CATEGORIES:
+            a, b = first[f"{cat}_max_abs"], last[f"{cat}_max_abs"]
+            known = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, b))
+            rate = (b - a) / span if known else None
+            parts.append(f"{cat} {_fmt(a)} -> {_fmt(b)} ({_fmt(rate)} per step)")
+        lines.append(
+            f"- {ref} vs {cand} seed {seed}, steps {first['step']}-{last['step']}: "
+            + "; ".join(parts)
+        )
+    return ["", "Growth of the worst max abs over the steps:", "", *lines] if lines else []
 
 
 def load_or_error(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,33 @@
+"""The summary's growth lines: per pair and seed, each drift category's worst max abs at the
+first and last step and the growth per step between them."""
+
+from __future__ import annotations
+
+from nestalign.summary import DRIFT_CATEGORIES, growth
+
+
+def _row(seed: int, step: int, value: float | None, cand: str = "nest") -> dict:
+    row = {"reference": "nemo", "candidate": cand, "seed": seed, "step": step}
+    row.update({f"{cat}_max_abs": value for cat in DRIFT_CATEGORIES})
+    return row
+
+
+def test_growth_per_step_between_the_first_and_last_step():
+    table = [_row(42, 0, 0.0), _row(42, 19, 1e-6), _row(42, 199, 4e-6), _row(43, 0, 0.0)]
+    lines = growth(table)
+    assert lines[:3] == ["", "Growth of the worst max abs over the steps:", ""]
+    assert lines[3:] == [
+        "- nemo vs nest seed 42, steps 0-199: "
+        + "; ".join(f"{cat} 0 -> 4e-06 (2.01005e-08 per step)" for cat in DRIFT_CATEGORIES)
+    ]  # seed 43 has one step: no line
+
+
+def test_pairs_are_kept_apart_and_unknown_values_give_no_rate():
+    table = [_row(1, 0, 0.0), _row(1, 2, None), _row(1, 0, 1.0, "other"), _row(1, 2, 3.0, "other")]
+    lines = growth(table)
+    assert lines[3].startswith("- nemo vs nest seed 1, steps 0-2: loss 0 -> - (- per step)")
+    assert lines[4].startswith("- nemo vs other seed 1, steps 0-2: loss 1 -> 3 (1 per step)")
+
+
+def test_no_growth_lines_for_single_steps():
+    assert growth([_row(1, 0, 0.0)]) == []
