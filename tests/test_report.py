@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from nestalign import artifacts as art
 from nestalign import report, report_rows
 from nestalign.compare import compare_steps, load_tolerances, save_result
-from nestalign.summary import load_result
+from nestalign.summary import load_or_error, load_result
 from test_divergence_faults import build, capture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,19 +129,6 @@ class _Node:
             n for n in self.walk() if n.tag == tag and all(n.has(k, v) for k, v in want.items())
         ]
 
-    def visible(self) -> bool:
-        """No hidden element on the way up, and every enclosing <details> open, except where the
-        element sits in that details' own <summary>."""
-        node, child = self, None
-        while node is not None:
-            if "hidden" in node.attrs:
-                return False
-            folded = node.tag == "details" and "open" not in node.attrs
-            if folded and child is not None and child.tag != "summary":
-                return False
-            node, child = node.parent, node
-        return True
-
 
 class _Dom(HTMLParser):
     """The element tree of Chromium's --dump-dom output."""
@@ -217,6 +205,35 @@ def _dom(url: str, tmp: Path) -> _Dom:
     return dom
 
 
+LAYOUT_PAGE = """<!doctype html><html><body><iframe id="f" width="1400" height="1000"
+src="%s"></iframe><pre id="out"></pre><script>
+document.getElementById('f').addEventListener('load', function () {
+  const d = document.getElementById('f').contentDocument;
+  const lines = Array.from(d.querySelectorAll('.line[data-cat]'))
+    .filter(function (l) { return l.checkVisibility(); })
+    .map(function (l) {
+      return [l.closest('section').id, l.dataset.cat, l.dataset.name, l.classList.contains('ctx')];
+    });
+  document.getElementById('out').textContent = JSON.stringify({
+    shown: lines, width: d.documentElement.scrollWidth, client: d.documentElement.clientWidth});
+});
+</script></body></html>"""
+
+
+def _rendered(report_html: Path, query: str, tmp: Path) -> dict:
+    """What Chromium lays out in a 1400 px wide frame: the lines it draws (section, category,
+    name, whether a context line) and the page's scroll and client widths."""
+    page = tmp / "layout.html"
+    page.write_text(LAYOUT_PAGE % (report_html.as_uri() + query))
+    args = ["--allow-file-access-from-files", "--virtual-time-budget=5000", "--dump-dom"]
+    proc = _chromium([*args, page.as_uri()], tmp)
+    assert proc.returncode == 0, proc.stderr
+    out = _Dom(proc.stdout).root.find("pre", id="out")[0].all_text()
+    data = json.loads(out)
+    data["shown"] = {tuple(x[:3]): x[3] for x in data["shown"]}
+    return data
+
+
 def _section(dom: _Dom, anchor: str) -> _Node:
     found = dom.root.find("section", id=anchor)
     assert len(found) == 1, anchor
@@ -261,10 +278,16 @@ def test_report_links_sections_and_marks_the_culprit(built, tmp_path):
     assert fwd[0].attrs["data-cat"] == "layers" and "marked" in fwd[0].attrs["class"].split()
     assert _cell(fwd[0], "class") == "LayerNorm" and _cell(fwd[0], "status") == "fail"
     assert "divergence: code" in _cell(fwd[0], "mark")
-    assert fwd[0].visible()  # its parents are unfolded
-    assert not _line(sec, "blocks.0.attn.q#0", "layers").visible()  # others stay folded
     back = _line(sec, "blocks.1.norm2#0", "layer_grads")
-    assert "first backward culprit" in _cell(back, "mark") and back.visible()
+    assert "first backward culprit" in _cell(back, "mark")
+    drawn = _rendered(built / "report.html", "#seed_42_step_0", tmp_path)
+    assert drawn["width"] <= drawn["client"] <= 1400  # nothing overflows the page
+    shown = drawn["shown"]
+    for cat in ("layers", "layer_grads"):  # its parents are unfolded
+        assert ("seed_42_step_0", cat, "blocks.1.norm2#0") in shown
+    assert ("seed_42_step_0", "layers", "blocks.1#0") in shown
+    assert ("seed_42_step_0", "layers", "blocks.0.attn.q#0") not in shown  # others stay folded
+    assert ("seed_42_step_0", "grads", "blocks.1.norm2.weight") not in shown  # a folded group
 
 
 def test_markers_sit_where_their_labels_say(built, drill, tmp_path):
@@ -304,34 +327,28 @@ def test_markers_sit_where_their_labels_say(built, drill, tmp_path):
 
 
 def test_filters_failing_only_and_by_category(built, tmp_path):
-    url = (built / "report.html").as_uri() + "?failing=1&category=layer_grads#seed_42_step_0"
-    sec = _section(_dom(url, tmp_path), "seed_42_step_0")
-    lines = [n for n in sec.find("div", class_="line") if "data-cat" in n.attrs]
-    shown = [n for n in lines if n.visible()]
-    assert shown and all(
-        n.attrs["data-cat"] == "layer_grads" for n in shown if "ctx" not in n.attrs["class"]
-    )
-    assert all(n.attrs["data-fail"] == "1" or n.attrs["data-mark"] == "1" for n in shown)
-    assert _line(sec, "blocks.1.norm2#0", "layer_grads").visible()
-    assert not _line(sec, "blocks.1.norm2#0", "layers").visible()
+    query = "?failing=1&category=layer_grads#seed_42_step_0"
+    shown = _rendered(built / "report.html", query, tmp_path)["shown"]
+    sec = _section(_dom((built / "report.html").as_uri() + query, tmp_path), "seed_42_step_0")
+    lines = {
+        ("seed_42_step_0", n.attrs["data-cat"], n.attrs["data-name"]): n
+        for n in sec.find("div", class_="line")
+        if "data-cat" in n.attrs
+    }
+    mine = {k: ctx for k, ctx in shown.items() if k[0] == "seed_42_step_0"}
+    assert len(mine) > 10
+    for key, ctx in mine.items():
+        assert ctx or key[1] == "layer_grads", key
+        assert ctx or lines[key].attrs["data-fail"] == "1" or lines[key].attrs["data-mark"] == "1"
+    assert ("seed_42_step_0", "layer_grads", "blocks.1.norm2#0") in mine
+    assert ("seed_42_step_0", "layers", "blocks.1.norm2#0") not in mine
+    assert ("seed_42_step_0", "layer_grads", "sub.conv1#0") in mine  # failing, its parent opened
     options = [o.attrs["value"] for o in sec.find("option")]
-    assert options == [
-        "",
-        "structure",
-        "batch",
-        "forward",
-        "loss",
-        "grads",
-        "weights",
-        "layers",
-        "layer_grads",
-    ]
-    passing = _section(
-        _dom((built / "report.html").as_uri() + "?failing=1", tmp_path), "seed_43_step_0"
-    )
-    assert not [
-        n for n in passing.find("div", class_="line") if "data-cat" in n.attrs and n.visible()
-    ]
+    cats = ["structure", "batch", "forward", "loss", "grads", "weights", "layers", "layer_grads"]
+    assert options == ["", *cats]
+    passing = _rendered(built / "report.html", "?failing=1", tmp_path)["shown"]
+    assert not [k for k in passing if k[0] in ("seed_42_step_1", "seed_43_step_0")]
+    assert ("seed_44_step_0", "layer_grads", "blocks.1.ff.act#0") in passing
 
 
 def test_rows_tsv_per_step(built, drill):
@@ -373,6 +390,8 @@ def test_labels_and_pairs_keep_drift_apart(drill):
         "seed_43_step_1_nemo_vs_nest",
     ]
     assert items[1].row["drift_grads"] is None  # no earlier step of nemo vs nest
+    unreadable = load_or_error(drill / "seed_43" / "nothing.pkl")
+    assert [e.pair for e in report.entries([passing, unreadable])] == [("nemo", "nest_fault")] * 2
     twice = report.entries([passing, passing])
     assert [e.anchor for e in twice] == ["seed_43_step_0", "seed_43_step_0_2"]
     given = report.build([passing], reference="NeMo", candidate="port")

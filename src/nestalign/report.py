@@ -26,6 +26,7 @@ from nestalign.compare.tolerances import _tol, grads_scaled
 
 FLOAT32_DEFAULT = {"atol": 1e-5, "rtol": 1.3e-6}  # torch.testing.assert_close's float32 values
 MODULES_PLOTTED = 10
+_NAME_KEYS = ("reference", "candidate", "ref_dir", "cand_dir")
 _RUN_DIR = re.compile(r"(?:^|/)capture/([^/]+)/seed_[^/]+/step_[^/]+/?$")
 COLORS = {
     "layers": "#1f77b4",
@@ -36,6 +37,7 @@ COLORS = {
 CAT_LABELS = {"layers": "layers (outputs)", "layer_grads": "layer_grads (gradients)"}
 
 CSS = """
+[hidden] { display: none !important; }
 body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1800px; }
 h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
 .wrap { overflow-x: auto; max-width: 100%; }
@@ -149,10 +151,19 @@ def labels(
 def entries(
     results: list[dict[str, Any]], reference: str | None = None, candidate: str | None = None
 ) -> list[Entry]:
-    """Summary rows per (reference, candidate) pair, so drift only compares steps of one pair."""
+    """Summary rows per (reference, candidate) pair, so drift only compares steps of one pair.
+    A result that names no framework (an unreadable pickle) joins the pair when there is one."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    unnamed = []
     for r in results:
-        groups.setdefault(labels(r, reference, candidate), []).append(r)
+        named = reference or candidate or any(r.get(k) for k in _NAME_KEYS)
+        if named:
+            groups.setdefault(labels(r, reference, candidate), []).append(r)
+        else:
+            unnamed.append(r)
+    if unnamed:
+        pair = next(iter(groups)) if len(groups) == 1 else ("?", "?")
+        groups.setdefault(pair, []).extend(unnamed)
     out = []
     for pair, group in groups.items():
         for r, row in zip(sorted(group, key=summary._key), summary.rows(group), strict=True):
