@@ -35,6 +35,7 @@ CAPTURE_FILES = (
     "initial_weights.pt",
     "initial_rng.pt",
     "training_state.pt",
+    "config.yaml",
 )
 # What each side imports of the library (tests/test_triggers.py checks these against the imports):
 # an edit reruns only the jobs that run that code.

@@ -34,7 +34,7 @@ def assert_same_run(a: Path, b: Path, steps: list[int]) -> None:
     """Every file of every step bitwise equal; metadata equal except the process facts."""
     for step in steps:
         da, db = art.step_dir(a, step), art.step_dir(b, step)
-        assert sorted(p.name for p in da.iterdir()) == sorted(art.ALL_FILES)
+        assert sorted(p.name for p in da.iterdir()) == sorted([*art.ALL_FILES, art.CONFIG])
         for name in art.TENSOR_FILES + (art.STRUCTURE,):
             assert (da / name).read_bytes() == (db / name).read_bytes(), f"step {step}: {name}"
         ma, mb = (json.loads((d / art.METADATA).read_text()) for d in (da, db))

@@ -6,7 +6,8 @@ A step directory holds (see docs/artifacts.md for the full format):
     batch.pt, forward_output.pt, loss.pt,
     parameter_gradients.pt, parameter_weights.pt, layer_outputs.pt,
     initial_weights.pt, initial_rng.pt (the run's state before its first forward),
-    training_state.pt (optimizer, schedulers, counters, data position, generators: resume.py)
+    training_state.pt (optimizer, schedulers, counters, data position, generators: resume.py),
+    config.yaml (the composed config, when captured through nestalign.runner)
 
 Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and tensors only, so it
 loads with ``torch.load(path, weights_only=True)``.
@@ -35,6 +36,7 @@ LAYERS = "layer_outputs.pt"
 INITIAL_WEIGHTS = "initial_weights.pt"
 INITIAL_RNG = "initial_rng.pt"
 TRAINING_STATE = "training_state.pt"
+CONFIG = "config.yaml"  # the run's composed config (captures made through capture_main)
 
 TENSOR_FILES = (
     BATCH,
@@ -100,7 +102,14 @@ def save_tensors(path: str | os.PathLike, obj: Any) -> None:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
 
-    _atomic(Path(path), write)
+    try:
+        _atomic(Path(path), write)
+    except (OSError, RuntimeError) as exc:  # a full disk reaches torch's writer as RuntimeError
+        raise ArtifactError(f"{path}: cannot be written ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:
@@ -139,13 +148,25 @@ class StepWriter:
     def __init__(self, run_dir: str | os.PathLike, step: int):
         self.final = step_dir(run_dir, step)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.final.parent.glob(f".{self.final.name}.*"):  # left by a killed run
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
 
     def tensors(self, name: str, obj: Any) -> None:
-        save_tensors(self.stage / name, obj)
+        try:
+            save_tensors(self.stage / name, obj)
+        except ArtifactError as exc:  # name the file the user will look for, not the staging
+            cause = exc.__cause__ or exc
+            raise ArtifactError(
+                f"{self.final / name}: cannot be written ({_first_line(cause)})"
+            ) from cause
 
     def json(self, name: str, obj: Any) -> None:
         save_json(self.stage / name, obj)
+
+    def text(self, name: str, text: str) -> None:
+        _atomic(self.stage / name, lambda tmp: Path(tmp).write_text(text))
 
     def commit(self) -> Path:
         self.stage.chmod(0o755)

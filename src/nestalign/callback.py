@@ -17,6 +17,7 @@ teacher-forces the step that directory holds (nestalign.forcing).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class CaptureCallback(pl.Callback):
         force_from: str | None = None,
         name_map: NameMap | None = None,
         resume_from: str | None = None,
+        config_yaml: str | None = None,
     ):
         self.out_dir = out_dir
         self.steps = sorted({int(s) for s in steps})
@@ -62,6 +64,7 @@ class CaptureCallback(pl.Callback):
         self.init_from = init_from
         self.force_from = force_from
         self.name_map = name_map
+        self.config_yaml = config_yaml
         self.forced = _forced_steps(force_from, self.steps)
         self.resumer = Resumer(resume_from) if resume_from is not None else None
         if self.resumer is not None and self.steps[0] <= self.resumer.step:
@@ -173,7 +176,17 @@ class CaptureCallback(pl.Callback):
             writer.json(art.METADATA, meta)
             writer.json(art.STRUCTURE, model_structure(pl_module))
             writer.tensors(art.BATCH, parts["batch"])
-            writer.tensors(art.FORWARD, name_outputs(recorder.root_output(), self.output_names))
+            forward = name_outputs(recorder.root_output(), self.output_names)
+            if all(v is None for v in forward.values()):
+                print(
+                    f"warning: step {step}: the forward output is empty ({art.FORWARD} holds "
+                    f"{sorted(forward)} = None): the training step did not call the model's "
+                    "forward; the layers and gradients are still captured",
+                    file=sys.stderr,
+                )
+            writer.tensors(art.FORWARD, forward)
+            if self.config_yaml is not None:
+                writer.text(art.CONFIG, self.config_yaml)
             writer.tensors(art.LOSS, loss)
             writer.tensors(art.GRADS, parts.get("grads", {}))
             writer.tensors(art.WEIGHTS, art.to_plain(pl_module.state_dict()))

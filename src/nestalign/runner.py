@@ -52,6 +52,12 @@ def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
     )
     parser.add_argument("--config-path", "-cp", default="config", help="config directory")
     parser.add_argument("--config-name", "-cn", default="nest_fast-conformer")
+    parser.add_argument(
+        "--cfg",
+        "-c",
+        choices=["job"],
+        help="print the composed config (as Hydra's --cfg job does) and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=42")
     return parser.parse_args(argv)
 
@@ -65,8 +71,16 @@ def load_config(config_path: str, config_name: str, overrides: list[str]) -> Dic
         path = path.resolve()
     if not (path / f"{config_name}.yaml").is_file():
         raise SystemExit(f"config not found: {path / (config_name + '.yaml')}")
-    with initialize_config_dir(config_dir=str(path), version_base=None):
-        return compose(config_name=config_name, overrides=[_quote_steps(o) for o in overrides])
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(path), version_base=None):
+            return compose(config_name=config_name, overrides=[_quote_steps(o) for o in overrides])
+    except HydraException as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise SystemExit(f"config: {text}") from None
 
 
 def _quote_steps(override: str) -> str:
@@ -157,6 +171,19 @@ def trainer_kwargs(cfg: DictConfig, deterministic: bool) -> dict[str, Any]:
     return kwargs
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Refuse what a capture cannot record faithfully, and a GPU that is not there."""
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise SystemExit(
+            f"trainer.accumulate_grad_batches={accumulate}: a capture records one batch per "
+            "optimizer step; set it to 1 (raise model.train_ds.batch_size instead)"
+        )
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"trainer.accelerator={accelerator}, but torch sees no GPU")
+
+
 def capture_main(
     argv: list[str],
     framework: str,
@@ -165,8 +192,12 @@ def capture_main(
 ) -> int:
     args = parse_args(argv, framework)
     cfg = load_config(args.config_path, args.config_name, args.overrides)
+    if args.cfg == "job":
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
     if not cfg.get("output_dir"):
         raise SystemExit("output_dir=DIR is required")
+    check_trainer(cfg)
     steps = parse_steps(cfg.get("save_steps", "0"))
     seed = int(cfg.get("seed", 42))
     deterministic = bool(cfg.get("deterministic", True))
@@ -198,6 +229,7 @@ def capture_main(
             force_from=_existing_dir(cfg.get("force_from"), "force_from"),
             name_map=name_map,
             resume_from=_existing_dir(cfg.get("resume_from"), "resume_from"),
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         )
     except (NameMapError, art.ArtifactError, ResumeError, ValueError) as exc:
         raise SystemExit(str(exc)) from None
