@@ -56,7 +56,7 @@ section.step { border-top: 3px solid #999; margin-top: 2em; padding-top: 0.3em; 
 section.step:target { border-top-color: #d62728; }
 .filters { margin: 0.5em 0; font-size: 13px; }
 .rows { font-size: 12px; min-width: 1100px; }
-.line { display: grid; grid-template-columns: 3.5em 7.5em minmax(14em, 3fr) 7em 4.5em
+.line { display: grid; grid-template-columns: 3.5em 7.5em minmax(14em, 3fr) minmax(7em, 1.2fr) 4.5em
   minmax(8em, 1.3fr) 7em 6.8em 6.8em 6.8em 4.5em minmax(10em, 2.5fr) minmax(8em, 1.2fr);
   border-bottom: 1px solid #eee; }
 .line > span { padding: 2px 4px; overflow-wrap: anywhere; word-break: break-word; }
