@@ -30,7 +30,7 @@ rule compare:
         tolerance=tolerance_option(),
         name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     shell:
-        "{params.python} {input.script} --ref {params.ref} --cand {params.cand}"
+        "exec {params.python} {input.script} --ref {params.ref} --cand {params.cand}"
         " {params.tolerance} {params.name_map} --out {output} > {log} 2>&1"
 
 
@@ -55,7 +55,7 @@ rule summary:
     params:
         python=interpreter("align"),
     shell:
-        "{params.python} {input.script} --tsv {output.tsv} --md {output.md}"
+        "exec {params.python} {input.script} --tsv {output.tsv} --md {output.md}"
         " {input.comparisons} > {log} 2>&1"
 
 
@@ -87,6 +87,6 @@ rule report:
         reference=REFERENCE,
         candidate=CANDIDATE,
     shell:
-        "{params.python} {input.script} --out {output.html} --rows-dir {params.rows_dir}"
+        "exec {params.python} {input.script} --out {output.html} --rows-dir {params.rows_dir}"
         " --reference {params.reference:q} --candidate {params.candidate:q}"
         " {input.comparisons} > {log} 2>&1"

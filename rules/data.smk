@@ -20,4 +20,4 @@ rule make_data:
         data=json.dumps(config["data"], sort_keys=True),
         out=lambda w, output: Path(output.train).parent,
     shell:
-        "{params.python} {input.script} --data {params.data:q} --out {params.out} > {log} 2>&1"
+        "exec {params.python} {input.script} --data {params.data:q} --out {params.out} > {log} 2>&1"

@@ -61,7 +61,7 @@ for _fw, _spec in FRAMEWORKS.items():
             overrides=capture_overrides(_fw),
             origins=override_origins(_fw),
         shell:
-            "{params.python} {input.script} --framework {params.framework} --capture-script {input.capture_script}"
+            "exec {params.python} {input.script} --framework {params.framework} --capture-script {input.capture_script}"
             " --config-path config --config-name nest_fast-conformer --origins {params.origins:q}"
             " --captures {resources.sweep_captures} --results results --out {output}"
             " {params.overrides} > {log} 2>&1"

@@ -3,12 +3,14 @@ fails: nothing that looks like a complete step (the issue's capture edge cases).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hydra.errors import HydraException
 
 import test_capture
-from captures import TINY, capture_argv, nest_capture
+from captures import ROOT, TINY, capture_argv, nest_capture
 from nestalign import artifacts as art
 from nestalign.dummy_data import make_data
 from nestalign.runner import capture_main
@@ -107,3 +109,12 @@ def test_a_training_step_that_bypasses_forward_warns(tmp_path, monkeypatch, caps
     test_capture.fit(tmp_path, steps=[0], max_steps=1)
     err = capsys.readouterr().err
     assert "warning: step 0: the forward output is empty (forward_output.pt holds" in err
+
+
+def test_every_job_execs_its_python_so_a_killed_job_leaves_nothing_running():
+    """The shell of a job is replaced by its python (`exec`): when Snakemake kills the job, the
+    capture dies with it and cannot commit a step after the job was reported failed."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "rules").glob("*.smk")))
+    commands = re.findall(r'shell:\s*\n\s*"([^"]*)', text)
+    assert len(commands) >= 6, commands
+    assert all(c.startswith("exec {params.python} ") for c in commands), commands
