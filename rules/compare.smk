@@ -83,7 +83,7 @@ rule report:
         "../envs/align.yaml"
     params:
         python=interpreter("align"),
-        rows_dir="results/report/rows",
+        rows_dir=lambda w, output: Path(output.rows[0]).parent,
         reference=REFERENCE,
         candidate=CANDIDATE,
     shell:
