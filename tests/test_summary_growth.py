@@ -3,7 +3,7 @@ first and last step and the growth per step between them."""
 
 from __future__ import annotations
 
-from nestalign.summary import DRIFT_CATEGORIES, growth
+from nestalign.summary import DRIFT_CATEGORIES, growth, rows
 
 
 def _row(seed: int, step: int, value: float | None, cand: str = "nest") -> dict:
@@ -31,3 +31,24 @@ def test_pairs_are_kept_apart_and_unknown_values_give_no_rate():
 
 def test_no_growth_lines_for_single_steps():
     assert growth([_row(1, 0, 0.0)]) == []
+
+
+def _result(cand: str, step: int, rel: float) -> dict:
+    worst = {"worst": {"max_rel": rel, "max_abs": rel}, "rows": []}
+    return {
+        "seed": 1,
+        "step": step,
+        "reference": "nemo",
+        "candidate": cand,
+        "verdict": "pass",
+        "losses": {"reference": 1.0, "candidate": 1.0},
+        "categories": {cat: dict(worst) for cat in DRIFT_CATEGORIES},
+        "divergence": {"forward": {"first": None}, "backward": {"first": None}},
+    }
+
+
+def test_drift_divides_by_the_previous_step_of_the_same_pair_only():
+    table = rows([_result("a", 0, 1e-6), _result("b", 0, 1e-3), _result("a", 1, 2e-6)])
+    by = {(r["candidate"], r["step"]): r for r in table}
+    assert by[("a", 1)]["drift_loss"] == 2.0  # 2e-6 / 1e-6, not 2e-6 / 1e-3
+    assert by[("b", 0)]["drift_loss"] is None  # its pair's first step

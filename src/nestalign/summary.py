@@ -68,7 +68,8 @@ def _worst_rel(result: dict[str, Any], cat: str) -> float | None:
 
 
 def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per result, sorted by (seed, step), with drift against the previous step."""
+    """One summary row per result, sorted by (seed, step), with drift against the previous step
+    of the same (reference, candidate) pair and seed."""
     out = []
     previous: dict[Any, dict[str, Any]] = {}
     for r in sorted(results, key=_key):
@@ -98,7 +99,8 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for direction in ("forward", "backward"):
             first = r["divergence"][direction]["first"]
             row[f"first_{direction}"] = first["where"] if first else ""
-        prev = previous.get(row["seed"])
+        pair = (row["reference"], row["candidate"], row["seed"])
+        prev = previous.get(pair)
         for cat in DRIFT_CATEGORIES:
             row[f"drift_{cat}"] = _growth(prev and prev[f"{cat}_max_rel"], row[f"{cat}_max_rel"])
         row["notes"] = len(r.get("notes") or [])
@@ -119,7 +121,7 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else ""
         )
         row["errors"] = [f"[{e['category']}] {e['error']}" for e in r.get("errors", [])]
-        previous[row["seed"]] = row
+        previous[pair] = row
         out.append(row)
     return out
 
