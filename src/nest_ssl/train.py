@@ -36,6 +36,8 @@ CAPTURE_KEYS = {
     "init_from",
     "force_from",
     "name_map",
+    "resume_from",
+    "run_key",
 }
 PRECISIONS = (32, "32", "32-true")
 

@@ -36,17 +36,40 @@ def _optimizer_items(state: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], 
     return per_key, scalars
 
 
+def _param_shapes(state: dict[str, Any]) -> dict[str, list[int]]:
+    """Each parameter's shape, from the first tensor of its optimizer state that has one."""
+    shapes: dict[str, list[int]] = {}
+    for param, entry in ((state.get("optimizer") or {}).get("state") or {}).items():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                shapes[param] = list(value.shape)
+                break
+    return shapes
+
+
 def optimizer_category(
     ref: dict[str, Any], cand: dict[str, Any], tols: dict, name_map: NameMap
 ) -> dict[str, Any]:
     r_keys, r_scalars = _optimizer_items(ref)
     c_keys, c_scalars = _optimizer_items(cand)
+    shapes = _param_shapes(cand)
     rows: list[dict[str, Any]] = []
     ignored: list[str] = []
     for key in sorted(set(r_keys) | set(c_keys)):
-        found = _dict_category(
-            r_keys.get(key, {}), c_keys.get(key, {}), tols, "optimizer", name_map
-        )
+        r_items, c_items = r_keys.get(key, {}), c_keys.get(key, {})
+        if c_items and all(v.dim() == 0 for v in c_items.values()):
+            # one number per parameter (Adam's step): each reference name the parameter stands
+            # for gets it as it is; a transform (a split, a transpose) is for tensors of its shape
+            c_items = {
+                target: v
+                for name, v in c_items.items()
+                for target, _ in name_map.map_shape(name, shapes.get(name, []))
+                if not name_map.ignored(target)
+            }
+            r_items = {n: v for n, v in r_items.items() if not name_map.ignored(n)}
+            found = _dict_category(r_items, c_items, tols, "optimizer", None)
+        else:
+            found = _dict_category(r_items, c_items, tols, "optimizer", name_map)
         for row in found["rows"]:
             row["name"] = f"{row['name']}:{key}"
             if "cand_name" in row:
