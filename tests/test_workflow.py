@@ -90,7 +90,9 @@ def test_full_run_compares_every_seed_and_step(workdir):
     assert [(r["seed"], r["step"]) for r in rows] == [("3", "0"), ("3", "1")]
     assert all(r["verdict"] == "PASS" for r in rows), rows
     html = (workdir / "results/report.html").read_text()
-    assert "<table" in html and "data:image/png;base64," in html
+    assert "<table" in html and "<svg" in html and 'id="seed_3_step_1"' in html
+    for step in (0, 1):  # the rows of every compared step, for pandas
+        assert (workdir / f"results/report/rows/seed_3_step_{step}.tsv").is_file()
 
 
 def test_no_change_schedules_nothing(workdir):

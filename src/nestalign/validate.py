@@ -283,8 +283,9 @@ def compose(config_path: str, config_name: str, overrides: list[str]) -> tuple[A
         return load_config(config_path, config_name, overrides), []
     except HydraException as exc:
         return None, [_error_line("config", exc)]
-    except SystemExit as exc:
-        return None, [f"config: {exc}"]
+    except SystemExit as exc:  # load_config's own one-line messages start with "config: "
+        message = str(exc)
+        return None, [message if message.startswith("config: ") else f"config: {message}"]
 
 
 def load_build(capture_script: Path) -> Any:
