@@ -1,5 +1,6 @@
 # Paths, environment selection and helpers shared by the rules.
 
+import functools
 import hashlib
 import json
 import shlex
@@ -139,6 +140,7 @@ def _digest(paths):
     return h.hexdigest()
 
 
+@functools.cache
 def run_key(framework):
     """What decides a framework's captures, hashed: code, configs, data, numerics, isolation."""
     spec = FRAMEWORKS[framework]
@@ -190,15 +192,13 @@ def run_plan(framework, seed):
         return None, STEPS
     todo = [s for s in STEPS if s > done[0]]
     if todo and not done[1].get("resumable"):
-        return (
-            None,
-            STEPS,
-        )  # its loader could not be resumed: the seed reruns from step 0
+        # its loader could not be resumed: the seed reruns from step 0
+        return None, STEPS
     return done[0], todo
 
 
 def run_groups(framework):
-    """{resume step or None: (seeds, steps)}: seeds whose runs share a plan share a rule."""
+    """{resume step or None: (steps, seeds)}: seeds whose runs share a plan share a rule."""
     groups = {}
     for seed in config["seeds"]:
         resume, todo = run_plan(framework, seed)

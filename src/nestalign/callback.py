@@ -30,7 +30,6 @@ from nestalign.capture import LayerRecorder, environment, model_structure, name_
 from nestalign.forcing import ForcingRecorder
 from nestalign.namemap import NameMap
 from nestalign.resume import (
-    TRAINING_STATE,
     ResumableBatchSampler,
     ResumeError,
     Resumer,
@@ -210,7 +209,7 @@ class CaptureCallback(pl.Callback):
             return
         (writer, state), self._pending = self._pending, None
         try:
-            writer.tensors(TRAINING_STATE, {**state, "rng_after": rng_states()})
+            writer.tensors(art.TRAINING_STATE, {**state, "rng_after": rng_states()})
             self.written.append(str(writer.commit()))
         except BaseException:
             writer.abort()

@@ -2,7 +2,7 @@
 
 A capture writes ``training_state.pt`` beside each step: the optimizer's state per parameter
 name, the scheduler states, the trainer's counters, the data position (the epoch's batches and
-which comes next) and the generator states at the three places a continuation needs them:
+which comes next) and the generator states at the two places a continuation needs them:
 
 - ``rng_before``: when the step's training starts (what the ``rng`` compare category checks);
 - ``rng_after``: when the run next touched its data after the step (after any validation that
@@ -27,8 +27,6 @@ from torch import nn
 
 from nestalign import artifacts as art
 from nestalign.state import restore_rng
-
-TRAINING_STATE = art.TRAINING_STATE
 
 
 class ResumeError(RuntimeError):
@@ -153,7 +151,7 @@ def load_named_optimizer_state(
             f"{len(own)} vs {len(saved)} groups)"
         )
     index = {n: i for i, n in enumerate(n for g in own for n in g)}
-    state = {index[n]: {k: v for k, v in s.items()} for n, s in named["state"].items()}
+    state = {index[n]: dict(s) for n, s in named["state"].items()}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
@@ -196,7 +194,7 @@ class Resumer:
 
     def __init__(self, step_dir: str):
         self.step_dir = step_dir
-        self.state = art.load_tensors(f"{step_dir}/{TRAINING_STATE}")
+        self.state = art.load_tensors(f"{step_dir}/{art.TRAINING_STATE}")
         self.meta = art.load_json(f"{step_dir}/{art.METADATA}")
         if self.state.get("data") is None:
             raise ResumeError(
@@ -243,9 +241,7 @@ class Resumer:
         """Batch counters of the resumed epoch, set when its first batch is asked for."""
 
         def set_position(position: int) -> None:
-            progress = trainer.fit_loop.epoch_loop.batch_progress
-            for tracker in (progress.current, progress.total):
-                _set_counter_fields(tracker, position)
+            _set_counter(trainer.fit_loop.epoch_loop.batch_progress, position)
             trainer.fit_loop._data_fetcher.fetched = position
 
         return set_position
