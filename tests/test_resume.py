@@ -17,6 +17,7 @@ from nestalign import artifacts as art
 from nestalign.callback import CaptureCallback
 from nestalign.compare import compare_steps, load_tolerances
 from nestalign.dummy_data import make_data
+from nestalign.resume import ResumeError
 
 # The tiny config's 8 training clips in batches of 2: steps 0-3 are epoch 0 (validation after
 # step 3), steps 4-7 epoch 1.
@@ -142,3 +143,14 @@ def test_an_optimizer_fault_is_named_in_the_optimizer_category_first(tmp_path, d
     a, b = (art.load_tensors(art.step_dir(run, 1) / art.WEIGHTS) for run in (plain, faulty))
     assert [k for k in a if not torch.equal(a[k], b[k])] == [name]
     assert step1["categories"]["rng"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_with_loader_workers_is_captured_but_not_resumable(tmp_path, data):
+    """Worker processes draw their own batches: the capture says so, and resuming is refused
+    (the workflow then reruns such a seed from step 0)."""
+    step = nest_capture(tmp_path / "run", data, (), "model.train_ds.num_workers=1", steps="0")
+    assert art.load_json(step / art.METADATA)["resumable"] is False
+    assert art.load_tensors(step / art.TRAINING_STATE)["data"] is None
+    with pytest.raises(ResumeError, match="its run's loader was not resumable"):
+        CaptureCallback(str(tmp_path / "more"), [1], resume_from=str(step))

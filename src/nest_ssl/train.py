@@ -37,6 +37,7 @@ CAPTURE_KEYS = {
     "force_from",
     "name_map",
     "resume_from",
+    "state_from",
     "run_key",
 }
 PRECISIONS = (32, "32", "32-true")

@@ -11,7 +11,9 @@ attached while they run.
 
 Isolation (docs/compare.md): ``init_from=STEP_DIR`` starts the run from a reference capture's
 initial state (weights through the name map, strictly, and every generator); ``force_from=STEP_DIR``
-teacher-forces the step that directory holds (nestalign.forcing).
+teacher-forces the step that directory holds (nestalign.forcing); ``state_from=STEP_DIR``
+continues from a reference capture's complete training state after its step (nestalign.resume,
+through the name map), so the next step's error is that step's own.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class CaptureCallback(pl.Callback):
         name_map: NameMap | None = None,
         resume_from: str | None = None,
         config_yaml: str | None = None,
+        state_from: str | None = None,
     ):
         self.out_dir = out_dir
         self.steps = sorted({int(s) for s in steps})
@@ -65,13 +68,23 @@ class CaptureCallback(pl.Callback):
         self.name_map = name_map
         self.config_yaml = config_yaml
         self.forced = _forced_steps(force_from, self.steps)
-        self.resumer = Resumer(resume_from) if resume_from is not None else None
+        given = [k for k, v in (("resume_from", resume_from), ("state_from", state_from)) if v]
+        given += ["init_from"] if init_from and given else []
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} exclude each other: each sets the start")
+        self.resumer = (
+            Resumer(resume_from)
+            if resume_from is not None
+            else Resumer(state_from, name_map, "state_from")
+            if state_from is not None
+            else None
+        )
         if self.resumer is not None and self.steps[0] <= self.resumer.step:
             raise ValueError(
-                f"resume_from={resume_from} holds step {self.resumer.step}: the steps to capture "
+                f"{self.resumer.where} holds step {self.resumer.step}: the steps to capture "
                 f"{self.steps} must all come after it"
             )
-        self.metadata.update(init_from=init_from, force_from=force_from)
+        self.metadata.update(init_from=init_from, force_from=force_from, state_from=state_from)
         self._recorder: LayerRecorder | None = None
         self._initial: dict[str, Any] | None = None
         self._step: int | None = None
@@ -95,12 +108,8 @@ class CaptureCallback(pl.Callback):
             resumer.on_resume(trainer) if resumer else None,
         )
         if self.resumer is not None:
+            self._initial = self.resumer.initial(pl_module)
             self.resumer.on_fit_start(trainer, pl_module)
-            first = self.resumer.step_dir
-            self._initial = {
-                "weights": art.load_tensors(f"{first}/{art.INITIAL_WEIGHTS}"),
-                "rng": art.load_tensors(f"{first}/{art.INITIAL_RNG}"),
-            }
             return
         if self.init_from is not None:
             start_from(pl_module, self.init_from, self.name_map)
@@ -110,7 +119,7 @@ class CaptureCallback(pl.Callback):
         if self.resumer is not None:
             if not self._sampler:
                 raise ResumeError(
-                    f"resume_from={self.resumer.step_dir}: this run's train loader cannot be "
+                    f"{self.resumer.where}: this run's train loader cannot be "
                     "resumed (it needs a batch sampler and num_workers=0)"
                 )
             self.resumer.on_train_start(trainer)

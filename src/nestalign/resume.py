@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from nestalign import artifacts as art
-from nestalign.state import restore_rng
+from nestalign.namemap import IDENTITY, NameMap, NameMapError
+from nestalign.state import InitError, load_weights, map_weights, restore_rng
 
 
 class ResumeError(RuntimeError):
@@ -139,21 +140,96 @@ def named_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) ->
 
 
 def load_named_optimizer_state(
-    optimizer: torch.optim.Optimizer, model: nn.Module, named: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    named: dict[str, Any],
+    name_map: NameMap | None = None,
+    where: str = "resume_from",
 ) -> None:
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    own = [[name_of.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
-    saved = [g["params"] for g in named["param_groups"]]
-    if own != saved:
-        raise ResumeError(
-            "the optimizer's parameters differ from the saved state's "
-            f"({sum(map(len, own))} vs {sum(map(len, saved))} parameters in "
-            f"{len(own)} vs {len(saved)} groups)"
+    """Load ``named_optimizer_state`` output, saved under the name map's reference names.
+
+    Groups pair by position and must hold the same parameters; the saved hyperparameters are
+    loaded. Per-parameter tensors go through the map's renames and transforms like weights;
+    a number (Adam's ``step``) is taken from the reference parameter(s) the candidate's stands
+    for. Parameters the map ignores keep their own state.
+    """
+    nmap = name_map or IDENTITY
+    params = dict(model.named_parameters())
+    name_of = {id(p): n for n, p in params.items()}
+    own = [[name_of.get(id(p), "<unnamed>") for p in g["params"]] for g in optimizer.param_groups]
+    refs = {
+        n: [r for r, _ in nmap.map_shape(n, list(params[n].shape))] if n in params else [n]
+        for g in own
+        for n in g
+    }
+    saved = named["param_groups"]
+    mapped = [sorted(r for n in g for r in refs[n] if not nmap.ignored(r)) for g in own]
+    if len(own) != len(saved) or any(
+        m != sorted(g["params"]) for m, g in zip(mapped, saved, strict=False)
+    ):
+        diff = sorted(
+            set(sum(mapped, [])).symmetric_difference(r for g in saved for r in g["params"])
         )
-    index = {n: i for i, n in enumerate(n for g in own for n in g)}
-    state = {index[n]: dict(s) for n, s in named["state"].items()}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
+        raise ResumeError(
+            f"{where}: the optimizer's parameters differ from the saved state's "
+            f"({sum(map(len, mapped))} vs {sum(len(g['params']) for g in saved)} parameters in "
+            f"{len(own)} vs {len(saved)} groups"
+            + (f"; not in both: {', '.join(diff[:3])}" if diff else "")
+            + ")"
+        )
+    order = [n for g in own for n in g]
+    state: dict[int, dict[str, Any]] = {}
+    current = optimizer.state_dict()["state"]
+    for i, n in enumerate(order):
+        ref_names = [r for r in refs[n] if not nmap.ignored(r)]
+        if not ref_names:
+            if i in current:
+                state[i] = current[i]
+            continue
+        have = [r in named["state"] for r in ref_names]
+        if not any(have):
+            continue  # not stepped yet on the saved side
+        if not all(have):
+            raise ResumeError(f"{where}: {n}'s optimizer state is saved for only part of it")
+        state[i] = _param_state(n, params.get(n), ref_names, named["state"], nmap, where)
+    index = {n: i for i, n in enumerate(order)}
+    groups = [
+        {**g, "params": [index[n] for n in names]} for g, names in zip(saved, own, strict=True)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _param_state(
+    name: str,
+    param: torch.Tensor | None,
+    ref_names: list[str],
+    saved: dict[str, dict[str, Any]],
+    nmap: NameMap,
+    where: str,
+) -> dict[str, Any]:
+    """One candidate parameter's optimizer state from the saved state of its reference names."""
+    out: dict[str, Any] = {}
+    for key in saved[ref_names[0]]:
+        values = [saved[r].get(key) for r in ref_names]
+        shaped = param is not None and all(
+            isinstance(v, torch.Tensor) and v.dim() > 0 for v in values
+        )
+        if shaped:
+            try:
+                ref = dict(zip(ref_names, values, strict=True))
+                tensors = nmap.unmap_state(ref, {name: list(param.shape)})
+            except NameMapError as exc:
+                raise ResumeError(f"{where}: optimizer state {key!r}: {exc}") from exc
+            out[key] = tensors[name]
+            continue
+        first = values[0]
+        same = all(
+            torch.equal(v, first) if isinstance(v, torch.Tensor) else v == first for v in values[1:]
+        )
+        if not same:
+            raise ResumeError(f"{where}: {name}: the saved {key!r} differs between {ref_names}")
+        out[key] = first
+    return out
 
 
 def trainer_position(trainer: Any) -> dict[str, int]:
@@ -190,36 +266,58 @@ def _set_counter(progress: Any, value: int) -> None:
 
 
 class Resumer:
-    """Puts a saved training state into a fresh run, each part at the moment it belongs."""
+    """Puts a saved training state into a fresh run, each part at the moment it belongs.
 
-    def __init__(self, step_dir: str):
+    ``resume_from``: the run's own earlier capture. ``state_from`` (with ``name_map``): another
+    framework's capture, whose tensors are named and laid out as the name map's reference.
+    """
+
+    def __init__(self, step_dir: str, name_map: NameMap | None = None, key: str = "resume_from"):
         self.step_dir = step_dir
+        self.name_map = name_map
+        self.where = f"{key}={step_dir}"
         self.state = art.load_tensors(f"{step_dir}/{art.TRAINING_STATE}")
         self.meta = art.load_json(f"{step_dir}/{art.METADATA}")
         if self.state.get("data") is None:
             raise ResumeError(
-                f"resume_from={step_dir}: its run's loader was not resumable "
+                f"{self.where}: its run's loader was not resumable "
                 "(single-process loading, num_workers=0, is needed)"
             )
         self.step = int(self.meta["step"])
 
+    def _weights(self, name: str, model: nn.Module) -> dict[str, torch.Tensor]:
+        ref = art.load_tensors(f"{self.step_dir}/{name}")
+        try:
+            return map_weights(ref, model.state_dict(), self.name_map, self.where)
+        except InitError as exc:
+            raise ResumeError(str(exc)) from None
+
+    def initial(self, model: nn.Module) -> dict[str, Any]:
+        """The saved run's initial state, in this model's names (its initial_* artifacts)."""
+        own = model.state_dict()
+        weights = {k: v.detach().cpu().clone() for k, v in own.items()}
+        weights.update(self._weights(art.INITIAL_WEIGHTS, model))
+        return {"weights": weights, "rng": art.load_tensors(f"{self.step_dir}/{art.INITIAL_RNG}")}
+
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        weights = art.load_tensors(f"{self.step_dir}/{art.WEIGHTS}")
-        own = pl_module.state_dict()
-        if set(weights) != set(own):
-            raise ResumeError(f"resume_from={self.step_dir}: its weights do not fit this model")
-        with torch.no_grad():
-            for name, value in own.items():
-                value.copy_(weights[name])
-        load_named_optimizer_state(trainer.optimizers[0], pl_module, self.state["optimizer"])
+        load_weights(pl_module, self._weights(art.WEIGHTS, pl_module))
+        load_named_optimizer_state(
+            trainer.optimizers[0], pl_module, self.state["optimizer"], self.name_map, self.where
+        )
         configs = trainer.lr_scheduler_configs
         saved = self.state["schedulers"]
         if len(configs) != len(saved):
             raise ResumeError(
-                f"resume_from={self.step_dir}: {len(saved)} saved schedulers, "
-                f"this run has {len(configs)}"
+                f"{self.where}: {len(saved)} saved schedulers, this run has {len(configs)}"
             )
         for config, state in zip(configs, saved, strict=True):
+            own = config.scheduler.state_dict()
+            if set(own) != set(state):
+                diff = sorted(set(own).symmetric_difference(state))
+                raise ResumeError(
+                    f"{self.where}: the saved scheduler state does not fit "
+                    f"{type(config.scheduler).__name__} (keys not in both: {', '.join(diff)})"
+                )
             config.scheduler.load_state_dict(state)
 
     def on_train_start(self, trainer: Any) -> None:

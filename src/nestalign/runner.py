@@ -43,11 +43,14 @@ def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
         "listed in save_steps (0 = first optimizer step) into OUTPUT_DIR/step_N/.",
         epilog="Overrides are Hydra syntax (key=value, +key=value, ~key). Capture keys: "
         "output_dir (required), seed, save_steps ('0,2'), threads, deterministic, "
-        "fault (MODULE_PATH*FACTOR: scale that module's output, a planted fault), "
+        "fault (MODULE_PATH*FACTOR[@STEP]: scale that module's output, at one optimizer step "
+        "only with @STEP: a planted fault), "
         "init_from (a reference step dir: start from its initial weights and generators), "
         "force_from (a reference step dir: teacher-force that step), "
         "name_map (YAML: candidate -> reference names, for init_from and force_from), "
         "resume_from (a step dir of this run's own earlier capture: continue right after it), "
+        "state_from (a reference step dir: continue from its complete training state, "
+        "through name_map), "
         "run_key (kept in metadata: the workflow resumes only runs of the same key).",
     )
     parser.add_argument("--config-path", "-cp", default="config", help="config directory")
@@ -124,30 +127,35 @@ def config_sha256(cfg: DictConfig) -> str:
 
 
 def plant_fault(model: torch.nn.Module, spec: str) -> str:
-    """Multiply one module's output by a factor: `encoder.layers.1.feed_forward2*1.001`.
+    """Multiply one module's output by a factor: `encoder.layers.1.feed_forward2*1.001`, and
+    with `@STEP` only while the model trains optimizer step STEP (`...*1.001@1`).
 
     A known fault in a real capture shows whether the compare finds it, and names the place
     it must name. The factor is applied by a forward hook to the first tensor of the output.
     """
-    path, sep, factor = spec.rpartition("*")
+    body, at, when = spec.partition("@")
+    path, sep, factor = body.rpartition("*")
     try:
         if not sep:
             raise ValueError("no factor")
         module = model.get_submodule(path)
         scale = float(factor)
+        step = int(when) if at else None
     except (AttributeError, ValueError):
         raise SystemExit(
-            f"fault={spec!r}: expected MODULE_PATH*FACTOR with a module of the model"
+            f"fault={spec!r}: expected MODULE_PATH*FACTOR[@STEP] with a module of the model"
         ) from None
 
     def scaled(_module, _args, output):
+        if step is not None and (not model.training or model.trainer.global_step != step):
+            return None
         if isinstance(output, torch.Tensor):
             return output * scale
         first, *rest = output
         return type(output)([first * scale, *rest])
 
     module.register_forward_hook(scaled)
-    return f"{path}*{scale!r}"
+    return f"{path}*{scale!r}" + ("" if step is None else f"@{step}")
 
 
 def _existing_dir(value: Any, key: str) -> str | None:
@@ -230,6 +238,7 @@ def capture_main(
             name_map=name_map,
             resume_from=_existing_dir(cfg.get("resume_from"), "resume_from"),
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            state_from=_existing_dir(cfg.get("state_from"), "state_from"),
         )
     except (NameMapError, art.ArtifactError, ResumeError, ValueError) as exc:
         raise SystemExit(str(exc)) from None

@@ -120,11 +120,13 @@ def _mark_noise(
     init: dict[str, Any] | None = None,
     step: Any = None,
     lr: Any = None,
+    optimizer: dict[str, Any] | None = None,
 ) -> None:
     """Failing gradients far below their module's scale are rounding noise. A weight updated
     from such a gradient is noise too, but only if the update can explain its difference: its
     initial weight matched (when ``init``, the init category, was captured) and it differs by
-    at most ``update_bound(step, lr)``."""
+    at most ``update_bound(step, lr)``. So is the optimizer state of such a parameter (its
+    moments are running means of that gradient)."""
     rows = grads["rows"]
     by_module: dict[str, list[float]] = {}
     for r in rows:
@@ -174,7 +176,12 @@ def _mark_noise(
             else:
                 r["status"] = "noise"
                 r["reason"] = "updated from a gradient at noise level; " + r.get("reason", "")
-    for cat in (grads, weights):
+    for r in optimizer["rows"] if optimizer is not None else []:
+        param = r["name"].rpartition(":")[0]
+        if r["status"] == "fail" and param in noisy:
+            r["status"] = "noise"
+            r["reason"] = "optimizer state of a gradient at noise level; " + r.get("reason", "")
+    for cat in (grads, weights, optimizer):
         if cat is not None:
             cat.update(
                 {k: v for k, v in _summarise(cat["rows"], cat["ignored"]).items() if k != "rows"}

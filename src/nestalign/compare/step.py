@@ -304,6 +304,8 @@ def compare_steps(
     if cats["grads"].get("error") is None:
         weights = cats["weights"] if cats["weights"].get("error") is None else None
         init_cat = cats.get("init") if (cats.get("init") or {}).get("error") is None else None
+        optim = cats.get("optimizer")
+        optim = optim if optim is not None and optim.get("error") is None else None
         _mark_noise(
             cats["grads"],
             weights,
@@ -311,6 +313,7 @@ def compare_steps(
             init=init_cat,
             step=result["step"],
             lr=lr,
+            optimizer=optim,
         )
     if result["divergence"]["backward"]["first"] is None:
         first = _param_gradient_culprit(cats)
