@@ -59,3 +59,50 @@ for _fw, _spec in FRAMEWORKS.items():
                 " output_dir={params.run_dir} seed={wildcards.seed} save_steps={params.steps}"
                 " threads={params.threads} deterministic={params.deterministic}"
                 " run_key={params.run_key} {params.resume} {params.isolation} > {log} 2>&1"
+
+
+# `isolation: {state: reference}`: one job per (seed, step) captures the candidate's step from
+# the reference's complete state after the step before (rules/common.smk, state_inputs).
+if STATE:
+    _spec = FRAMEWORKS[CANDIDATE]
+
+    rule capture_state:
+        input:
+            script=_spec["script"],
+            code=CAPTURE_LIBRARY + sources(_spec.get("sources", [])),
+            model_config=MODEL_CONFIG,
+            data=list(MANIFESTS.values()),
+            env=env_ready(_spec["env"]),
+            validated=validated(CANDIDATE),
+            reference=state_inputs,
+            name_map=[config["name_map"]] if config.get("name_map") else [],
+        output:
+            state_files() if KEEP_CAPTURES else temp(state_files()),
+        log:
+            f"results/logs/state/{CANDIDATE}/seed_{{seed}}/step_{{step}}.log",
+        benchmark:
+            f"results/benchmarks/state/{CANDIDATE}/seed_{{seed}}/step_{{step}}.tsv"
+        wildcard_constraints:
+            seed=r"\d+",
+            step=r"\d+",
+        conda:
+            f"../envs/{_spec['env']}.yaml"
+        threads: THREADS
+        resources:
+            gpu=1 if config["device"] == "gpu" else 0,
+            mem_mb=CAPTURE_MEM_MB,
+            runtime=capture_runtime(0, [1]),
+        params:
+            python=interpreter(_spec["env"]),
+            overrides=capture_overrides(CANDIDATE),
+            threads=THREADS,
+            deterministic=str(DETERMINISTIC).lower(),
+            run_dir=lambda w: f"results/state/{CANDIDATE}/seed_{w.seed}",
+            run_key=RUN_KEYS[CANDIDATE],
+            isolation=state_overrides,
+        shell:
+            "exec {params.python} {input.script} --config-path config"
+            " --config-name nest_fast-conformer {params.overrides}"
+            " output_dir={params.run_dir} seed={wildcards.seed} save_steps={wildcards.step}"
+            " threads={params.threads} deterministic={params.deterministic}"
+            " run_key={params.run_key} {params.isolation} > {log} 2>&1"

@@ -162,7 +162,11 @@ def run_key(framework):
         "files": _digest(files),
     }
     if framework == CANDIDATE and ISOLATED:  # the reference's captures are its inputs
-        facts["isolation"] = {**ISOLATION, "reference": run_key(REFERENCE)}
+        facts["isolation"] = {
+            "init": ISOLATION.get("init"),
+            "forcing": bool(ISOLATION.get("forcing")),
+            "reference": run_key(REFERENCE),
+        }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -179,21 +183,31 @@ def _captured(framework, seed, step, key):
     return meta if meta.get("run_key") == key else None
 
 
+def framework_steps(framework):
+    """The steps a framework's runs capture: with `isolation: {state: reference}` the reference
+    also captures the step before each captured one (the state the candidate's step starts from).
+    """
+    if framework == REFERENCE and STATE:
+        return sorted({*STEPS, *(s - 1 for s in STEPS if s > 0)})
+    return STEPS
+
+
 def run_plan(framework, seed):
     """(the step to resume after or None, the steps this run captures) for one seed."""
     key = RUN_KEYS[framework]
+    steps = framework_steps(framework)
     done = None
-    for step in STEPS:
+    for step in steps:
         meta = _captured(framework, seed, step, key)
         if meta is None:
             break
         done = (step, meta)
     if done is None:
-        return None, STEPS
-    todo = [s for s in STEPS if s > done[0]]
+        return None, steps
+    todo = [s for s in steps if s > done[0]]
     if todo and not done[1].get("resumable"):
         # its loader could not be resumed: the seed reruns from step 0
-        return None, STEPS
+        return None, steps
     return done[0], todo
 
 
@@ -218,6 +232,7 @@ def resume_inputs(framework, resume):
 
 ISOLATION = config.get("isolation") or {}
 ISOLATED = ISOLATION.get("init") == "reference" or bool(ISOLATION.get("forcing"))
+STATE = ISOLATION.get("state") == "reference"
 
 
 def isolation_inputs(framework, steps):
@@ -240,6 +255,62 @@ def isolation_overrides(framework, seed):
     if config.get("name_map"):
         items.append(f"name_map={config['name_map']}")
     return " ".join(shlex.quote(item) for item in items)
+
+
+# Step-level isolation (`isolation: {state: reference}`): beside its free run, the candidate
+# captures each step N in a process of its own that starts from the reference's complete state
+# after step N-1 (step 0: from the reference's initial state), so that step's error is its own.
+def state_dir(seed, step):
+    return f"results/state/{CANDIDATE}/seed_{seed}/step_{step}"
+
+
+def state_files(seed="{seed}", step="{step}"):
+    return [f"{state_dir(seed, step)}/{name}" for name in CAPTURE_FILES]
+
+
+def state_inputs(wildcards):
+    """The reference's files a state-isolated step starts from (and is forced by)."""
+    step = int(wildcards.step)
+    if step == 0:
+        first = step_dir(REFERENCE, wildcards.seed, 0)
+        names = ("metadata.json", "initial_weights.pt", "initial_rng.pt")
+        start = [f"{first}/{name}" for name in names]
+    else:
+        start = [
+            p.format(seed=wildcards.seed) for p in resume_inputs(REFERENCE, step - 1)
+        ]
+    forced = (
+        capture_files(REFERENCE, wildcards.seed, step)
+        if ISOLATION.get("forcing")
+        else []
+    )
+    return sorted({*start, *forced})
+
+
+def state_overrides(wildcards):
+    """state_from (init_from at step 0), force_from and the name map of a state-isolated step."""
+    seed, step = wildcards.seed, int(wildcards.step)
+    items = (
+        [f"init_from={step_dir(REFERENCE, seed, 0)}"]
+        if step == 0
+        else [f"state_from={step_dir(REFERENCE, seed, step - 1)}"]
+    )
+    if ISOLATION.get("forcing"):
+        items.append(f"force_from={step_dir(REFERENCE, seed, step)}")
+    if config.get("name_map"):
+        items.append(f"name_map={config['name_map']}")
+    return " ".join(shlex.quote(item) for item in items)
+
+
+def own_comparisons():
+    """The state-isolated comparisons (each step's own error), when the config asks for them."""
+    if not STATE:
+        return []
+    return [
+        f"results/compare/state/seed_{seed}/step_{step}.pkl"
+        for seed in config["seeds"]
+        for step in config["steps"]
+    ]
 
 
 def tolerance_option():

@@ -34,9 +34,34 @@ rule compare:
         " {params.tolerance} {params.name_map} --out {output} > {log} 2>&1"
 
 
+# `isolation: {state: reference}`: each step's own error, the candidate's step started from the
+# reference's state after the step before.
+use rule compare as compare_state with:
+    input:
+        ref=capture_files(REFERENCE),
+        cand=state_files(),
+        script="scripts/compare.py",
+        code=COMPARE_LIBRARY,
+        name_map=[config["name_map"]] if config.get("name_map") else [],
+        env=env_ready("align"),
+    output:
+        "results/compare/state/seed_{seed}/step_{step}.pkl",
+    log:
+        "results/logs/compare/state/seed_{seed}/step_{step}.log",
+    benchmark:
+        "results/benchmarks/compare/state/seed_{seed}/step_{step}.tsv"
+    params:
+        python=interpreter("align"),
+        ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
+        cand=lambda w: state_dir(w.seed, w.step),
+        tolerance=tolerance_option(),
+        name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
+
+
 rule summary:
     input:
         comparisons=all_comparisons(),
+        own=own_comparisons(),
         script="scripts/summary.py",
         code=SUMMARY_LIBRARY,
         env=env_ready("align"),
@@ -54,14 +79,16 @@ rule summary:
         "../envs/align.yaml"
     params:
         python=interpreter("align"),
+        own=lambda w, input: " ".join(f"--own {p}" for p in input.own),
     shell:
         "exec {params.python} {input.script} --tsv {output.tsv} --md {output.md}"
-        " {input.comparisons} > {log} 2>&1"
+        " {params.own} {input.comparisons} > {log} 2>&1"
 
 
 rule report:
     input:
         comparisons=all_comparisons(),
+        own=own_comparisons(),
         script="scripts/report.py",
         code=REPORT_LIBRARY,
         env=env_ready("align"),
@@ -86,7 +113,8 @@ rule report:
         rows_dir=lambda w, output: Path(output.rows[0]).parent,
         reference=REFERENCE,
         candidate=CANDIDATE,
+        own=lambda w, input: " ".join(f"--own {p}" for p in input.own),
     shell:
         "exec {params.python} {input.script} --out {output.html} --rows-dir {params.rows_dir}"
         " --reference {params.reference:q} --candidate {params.candidate:q}"
-        " {input.comparisons} > {log} 2>&1"
+        " {params.own} {input.comparisons} > {log} 2>&1"

@@ -23,6 +23,14 @@ from nestalign.report import build  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="comparison pickles or directories of them")
+    parser.add_argument(
+        "--own",
+        action="append",
+        default=[],
+        metavar="PKL",
+        help="a state-isolated comparison (isolation: {state: reference}) of one of the steps: "
+        "its error shows as the step's own error (repeatable)",
+    )
     parser.add_argument("--out", default="results/report.html", help="HTML file to write")
     parser.add_argument(
         "--rows-dir", help="folder of the per-step TSVs (default: report/rows beside --out)"
@@ -36,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [summary.load_or_error(f) for f in files]
     rows_dir = Path(args.rows_dir) if args.rows_dir else Path(args.out).parent / "report" / "rows"
     href = Path(os.path.relpath(rows_dir, Path(args.out).parent)).as_posix()
-    report = build(results, args.reference, args.candidate, href)
+    own = [summary.load_or_error(f) for f in summary.collect(args.own)]
+    report = build(results, args.reference, args.candidate, href, own)
     for anchor, text in report.rows.items():
         write_atomic(rows_dir / f"{anchor}.tsv", text.encode())
     write_atomic(args.out, report.html.encode())

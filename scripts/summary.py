@@ -23,13 +23,22 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status 1 when no pickle is found; verdicts never change the status.",
     )
     parser.add_argument("inputs", nargs="+", help="comparison pickles or directories of them")
+    parser.add_argument(
+        "--own",
+        action="append",
+        default=[],
+        metavar="PKL",
+        help="a state-isolated comparison (isolation: {state: reference}) of one of the steps: "
+        "its error shows as the step's own error (repeatable)",
+    )
     parser.add_argument("--tsv", default="results/summary.tsv", help="TSV table to write")
     parser.add_argument("--md", default="results/summary.md", help="Markdown table to write")
     args = parser.parse_args(argv)
     files = summary.collect(args.inputs)
     if not files:
         parser.exit(1, f"no comparison pickles in {' '.join(args.inputs)}\n")
-    table = summary.rows([summary.load_or_error(f) for f in files])
+    own = [summary.load_or_error(f) for f in summary.collect(args.own)]
+    table = summary.rows([summary.load_or_error(f) for f in files], own)
     md = summary.markdown(table)
     write_atomic(args.tsv, summary.tsv(table).encode())
     write_atomic(args.md, md.encode())

@@ -1,9 +1,10 @@
-"""The summary's growth lines: per pair and seed, each drift category's worst max abs at the
-first and last step and the growth per step between them."""
+"""The summary's growth lines (per pair and seed, each drift category's worst max abs at the
+first and last step and the growth per step between them), drift per pair, and the own errors
+of state-isolated steps beside the free-running ones."""
 
 from __future__ import annotations
 
-from nestalign.summary import DRIFT_CATEGORIES, growth, rows
+from nestalign.summary import DRIFT_CATEGORIES, growth, load_or_error, markdown, rows, tsv
 
 
 def _row(seed: int, step: int, value: float | None, cand: str = "nest") -> dict:
@@ -52,3 +53,29 @@ def test_drift_divides_by_the_previous_step_of_the_same_pair_only():
     by = {(r["candidate"], r["step"]): r for r in table}
     assert by[("a", 1)]["drift_loss"] == 2.0  # 2e-6 / 1e-6, not 2e-6 / 1e-3
     assert by[("b", 0)]["drift_loss"] is None  # its pair's first step
+
+
+def test_own_errors_sit_beside_the_free_running_ones():
+    """isolation: {state: reference}: each step's own comparison, matched by pair, seed and step;
+    an own pickle that could not be read shows as ERROR, a step without one as '-'."""
+    free = [_result("a", 0, 0.0), _result("a", 1, 1e-3), _result("a", 2, 2e-3)]
+    own = [_result("a", 0, 0.0), {**_result("a", 1, 1e-3), "verdict": "fail"}]
+    unreadable = load_or_error("results/compare/state/seed_1/step_2.pkl")
+    table = rows(free, [*own, unreadable])
+    assert [r["own_verdict"] for r in table] == ["PASS", "FAIL", "ERROR"]
+    assert [r["own_grads_max_rel"] for r in table] == [0.0, 1e-3, None]
+    assert rows(free)[0]["own_verdict"] is None
+    text = tsv(table).splitlines()
+    head = text[0].split("\t")
+    assert head[head.index("drift_weights") + 1 : head.index("notes")] == [
+        "own_verdict",
+        "own_loss_max_rel",
+        "own_grads_max_rel",
+        "own_weights_max_rel",
+        "own_failing",
+    ]
+    assert text[2].split("\t")[head.index("own_verdict")] == "FAIL"
+    md = markdown(table).splitlines()
+    assert "| own | own rel loss/grads/weights |" in md[0]
+    assert "| FAIL | 0.001/0.001/0.001 |" in md[3]
+    assert "| - |" in markdown(rows(free)).splitlines()[2]

@@ -226,6 +226,32 @@ def test_fewer_cores_than_threads_keep_the_configured_threads(work):
     assert all(" threads=2 " in line for line in commands), commands
 
 
+def test_state_isolation_adds_only_the_state_captures_and_their_compares(work):
+    """The free runs stay; each state-isolated step starts from the reference's step before
+    (step 0: from its initial state), declared as inputs."""
+    proc = dry_run(work, "-p", isolation={"state": "reference"})
+    assert job_counts(proc.stdout) == {
+        "capture_state": 2,
+        "compare_state": 2,
+        "summary": 1,
+        "report": 1,
+        "all": 1,
+    }
+    inputs = rule_inputs(proc.stdout)["capture_state"]
+    assert "results/capture/nemo/seed_3/step_0/training_state.pt" in inputs
+    assert "results/capture/nemo/seed_3/step_0/initial_rng.pt" in inputs
+    assert not any("step_1" in f for f in inputs)
+    assert "state_from=results/capture/nemo/seed_3/step_0" in proc.stdout
+
+
+def test_state_isolation_captures_the_reference_step_before_each_captured_step(work):
+    proc = dry_run(work, "-p", steps=[0, 2], isolation={"state": "reference"})
+    counts = job_counts(proc.stdout)
+    assert counts["capture_nemo"] == 1 and counts["capture_state"] == 2
+    assert "save_steps=0,1,2" in proc.stdout  # the reference's run; nest's captures 0 and 2
+    assert "save_steps=0,2" in proc.stdout
+
+
 def test_a_tolerance_change_reruns_only_the_compares(work):
     proc = dry_run(work, tolerance={"atol": 1.0e-6, "rtol": 1.0e-6})
     assert job_counts(proc.stdout) == DOWNSTREAM

@@ -262,6 +262,44 @@ def test_isolation_forces_nest_with_real_nemo_captures(workdir, tmp_path):
     )
 
 
+def test_state_isolation_fails_only_the_step_with_a_fault(workdir, tmp_path):
+    """isolation: {state: reference} against real NeMo captures, with a fault planted in step 1
+    only: free-running, steps 1 and 2 fail; each step started from NeMo's complete state after
+    the step before, step 1 fails alone and the own error of steps 0 and 2 is exactly zero."""
+    work = tmp_path / "state"
+    shutil.copytree(workdir, work, symlinks=True)
+    faulty = "encoder.layers.1.feed_forward2.linear1"
+    frameworks = {
+        "nest_fault": {
+            "script": "scripts/capture_nest.py",
+            "env": "nest",
+            "sources": ["src/nest_ssl"],
+            "overrides": [f"fault={faulty}*1.001@1"],
+        }
+    }
+    config = write_config(
+        work / "state.yaml",
+        steps=[0, 1, 2],
+        candidate="nest_fault",
+        frameworks=frameworks,
+        isolation={"state": "reference"},
+    )
+    proc = snakemake(work, "-j2", "--configfile", str(config))
+    assert "capture_nemo_after_1" in proc.stdout + proc.stderr  # NeMo trains only step 2
+    with open(work / "results/summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["verdict"] for r in rows] == ["PASS", "FAIL", "FAIL"], rows
+    assert [r["own_verdict"] for r in rows] == ["PASS", "FAIL", "PASS"], rows
+    assert rows[1]["first_forward"].startswith(faulty)
+    for row in (rows[0], rows[2]):
+        own = [row[f"own_{cat}_max_rel"] for cat in ("loss", "grads", "weights")]
+        assert all(float(x) == 0.0 for x in own), row
+    assert float(rows[2]["weights_max_rel"]) > 0  # the free run carries step 1's error on
+    meta = json.loads((work / "results/state/nest_fault/seed_3/step_2/metadata.json").read_text())
+    assert meta["state_from"] == "results/capture/nemo/seed_3/step_1"
+    assert "(own)" in (work / "results/report.html").read_text()
+
+
 def test_a_changed_pin_rebuilds_only_that_env_and_its_captures(workdir, tmp_path):
     """venv mode (no `interpreters`): the env marker is an input of that framework's jobs only."""
     work = tmp_path / "venvs"

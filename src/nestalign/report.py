@@ -149,10 +149,14 @@ def labels(
 
 
 def entries(
-    results: list[dict[str, Any]], reference: str | None = None, candidate: str | None = None
+    results: list[dict[str, Any]],
+    reference: str | None = None,
+    candidate: str | None = None,
+    own: list[dict[str, Any]] | None = None,
 ) -> list[Entry]:
     """Summary rows per (reference, candidate) pair, so drift only compares steps of one pair.
-    A result that names no framework (an unreadable pickle) joins the pair when there is one."""
+    A result that names no framework (an unreadable pickle) joins the pair when there is one.
+    ``own``: the state-isolated comparisons (summary.rows)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     unnamed = []
     for r in results:
@@ -166,7 +170,8 @@ def entries(
         groups.setdefault(pair, []).extend(unnamed)
     out = []
     for pair, group in groups.items():
-        for r, row in zip(sorted(group, key=summary._key), summary.rows(group), strict=True):
+        ordered = sorted(group, key=summary._key)
+        for r, row in zip(ordered, summary.rows(group, own), strict=True):
             row["reference"], row["candidate"] = pair
             out.append(Entry(r, pair, row))
     out.sort(key=lambda e: (summary._key(e.result), e.pair))
@@ -195,11 +200,8 @@ def _summary_table(items: list[Entry]) -> str:
             f"{_esc(e.pair[1])}</td>",
         ]
         for key, _ in columns:
-            if key == "drift":
-                value = "/".join(summary._fmt(row[f"drift_{c}"]) for c in summary.DRIFT_CATEGORIES)
-            else:
-                value = summary._fmt(row[key]) or "-"
-            cls = {"verdict": value, "failing": "text failing"}.get(key, "")
+            value = summary.md_cell(row, key) or "-"
+            cls = {"verdict": value, "own_verdict": value, "failing": "text failing"}.get(key, "")
             cls = "text" if key.startswith("first_") else cls
             cells.append(
                 f'<td class="{cls}">{_esc(value)}</td>' if cls else f"<td>{_esc(value)}</td>"
@@ -337,10 +339,27 @@ def _pair_charts(pair: tuple[str, str], items: list[Entry]) -> str:
             )
             for j, cat in enumerate(cats)
         ]
+        series += [
+            svg.Series(
+                f"{cat} (own)",
+                [
+                    _step_point(e, e.row.get(f"own_{cat}_max_rel"), f"{cat} own, seed {seed}")
+                    for e in rows
+                ],
+                svg.PALETTE[cats.index(cat) % len(svg.PALETTE)],
+                "5 3",
+                kind=cat,
+            )
+            for cat in summary.DRIFT_CATEGORIES
+            if cat in cats and any(e.row.get("own_verdict") for e in rows)
+        ]
         out.append(
             svg.render(
                 svg.Chart(
-                    f"drift, seed {seed}: worst max rel per category ({ref} vs {cand})",
+                    f"drift, seed {seed}: worst max rel per category ({ref} vs {cand}; "
+                    "dashed: each step's own error, started from the reference's state)"
+                    if any(e.row.get("own_verdict") for e in rows)
+                    else f"drift, seed {seed}: worst max rel per category ({ref} vs {cand})",
                     "step",
                     "worst max rel (log; 0 on the bottom line)",
                     series,
@@ -554,10 +573,12 @@ def build(
     reference: str | None = None,
     candidate: str | None = None,
     rows_href: str = "report/rows",
+    own: list[dict[str, Any]] | None = None,
 ) -> Report:
     """The whole report as one HTML string, and each step's rows as a TSV (by section id);
-    ``rows_href`` is the TSVs' folder relative to the HTML file, for the links."""
-    items = entries(results, reference, candidate)
+    ``rows_href`` is the TSVs' folder relative to the HTML file, for the links; ``own``: the
+    state-isolated comparisons, plotted beside the free-running error."""
+    items = entries(results, reference, candidate, own)
     parts = [
         "<!doctype html>",
         '<html><head><meta charset="utf-8"><title>nest-align report</title>',

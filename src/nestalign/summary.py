@@ -67,11 +67,20 @@ def _worst_rel(result: dict[str, Any], cat: str) -> float | None:
     return (c.get("worst") or {}).get("max_rel")
 
 
-def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _own_key(result: dict[str, Any]) -> tuple:
+    return (result.get("reference"), result.get("candidate"), *_key(result))
+
+
+def rows(
+    results: list[dict[str, Any]], own: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """One summary row per result, sorted by (seed, step), with drift against the previous step
-    of the same (reference, candidate) pair and seed."""
+    of the same (reference, candidate) pair and seed. ``own``: the state-isolated comparisons
+    of the same steps (each step started from the reference's state), shown as ``own_*``."""
     out = []
     previous: dict[Any, dict[str, Any]] = {}
+    own_of = {_own_key(r): r for r in own or []}
+    own_of.update({_key(r): r for r in own or [] if r.get("reference") is None})  # unreadable
     for r in sorted(results, key=_key):
         cats = r["categories"]
         row: dict[str, Any] = {
@@ -103,15 +112,13 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev = previous.get(pair)
         for cat in DRIFT_CATEGORIES:
             row[f"drift_{cat}"] = _growth(prev and prev[f"{cat}_max_rel"], row[f"{cat}_max_rel"])
+        mine = own_of.get(_own_key(r)) or own_of.get(_key(r))
+        row["own_verdict"] = VERDICTS.get(mine["verdict"], "ERROR") if mine else None
+        for cat in DRIFT_CATEGORIES:
+            row[f"own_{cat}_max_rel"] = _worst_rel(mine, cat) if mine else None
+        row["own_failing"] = _failing(mine) if mine else None
         row["notes"] = len(r.get("notes") or [])
-        failing = failing_items(r) if cats else []
-        row["failing"] = "; ".join(
-            f"{cat}:{name} ({reason})" for cat, name, reason in failing[:FAILING_LISTED]
-        ) + (
-            f"; ... and {len(failing) - FAILING_LISTED} more"
-            if len(failing) > FAILING_LISTED
-            else ""
-        )
+        row["failing"] = _failing(r)
         entries = r.get("divergences") or []
         row["divergences"] = "; ".join(
             f"{e['where']} ({e['class']})" for e in entries[:FAILING_LISTED]
@@ -124,6 +131,14 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         previous[pair] = row
         out.append(row)
     return out
+
+
+def _failing(result: dict[str, Any]) -> str:
+    """The first failing items as ``cat:name (reason)``, and how many more."""
+    failing = failing_items(result) if result["categories"] else []
+    listed = "; ".join(f"{c}:{n} ({why})" for c, n, why in failing[:FAILING_LISTED])
+    more = len(failing) - FAILING_LISTED
+    return listed + (f"; ... and {more} more" if more > 0 else "")
 
 
 def _growth(before: float | None, now: float | None) -> float | None:
@@ -173,6 +188,8 @@ MD_COLUMNS = (
     ("first_forward", "first culprit (forward)"),
     ("first_backward", "first culprit (backward)"),
     ("drift", "drift loss/grads/weights"),
+    ("own_verdict", "own"),
+    ("own", "own rel loss/grads/weights"),
     ("failing", "failing"),
 )
 
@@ -183,10 +200,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
     for row in table:
         cells = []
         for key, _ in MD_COLUMNS:
-            if key == "drift":
-                value = "/".join(_fmt(row[f"drift_{c}"]) for c in DRIFT_CATEGORIES)
-            else:
-                value = _fmt(row[key])
+            value = md_cell(row, key)
             cells.append(value.replace("|", "\\|") if value else "-")
         lines.append("| " + " | ".join(cells) + " |")
     listed = [row for row in table if row.get("divergences")]
@@ -201,6 +215,17 @@ def markdown(table: list[dict[str, Any]]) -> str:
         lines += ["", "Errors:", ""]
         lines += [f"- seed {row['seed']} step {row['step']}: {e}" for row, e in errors]
     return "\n".join(lines) + "\n"
+
+
+def md_cell(row: dict[str, Any], key: str) -> str:
+    """A Markdown (and report) cell: ``drift`` and ``own`` join their three categories."""
+    if key in ("drift", "own"):
+        name = "drift_{}" if key == "drift" else "own_{}_max_rel"
+        cells = [row[name.format(c)] for c in DRIFT_CATEGORIES]
+        if key == "own" and all(c is None for c in cells):
+            return "-"
+        return "/".join(map(_fmt, cells))
+    return _fmt(row[key])
 
 
 def growth(table: list[dict[str, Any]]) -> list[str]:
