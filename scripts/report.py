@@ -23,14 +23,7 @@ from nestalign.report import build  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="comparison pickles or directories of them")
-    parser.add_argument(
-        "--own",
-        action="append",
-        default=[],
-        metavar="PKL",
-        help="a state-isolated comparison (isolation: {state: reference}) of one of the steps: "
-        "its error shows as the step's own error (repeatable)",
-    )
+    summary.add_own_option(parser)
     parser.add_argument("--out", default="results/report.html", help="HTML file to write")
     parser.add_argument(
         "--rows-dir", help="folder of the per-step TSVs (default: report/rows beside --out)"

@@ -23,14 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status 1 when no pickle is found; verdicts never change the status.",
     )
     parser.add_argument("inputs", nargs="+", help="comparison pickles or directories of them")
-    parser.add_argument(
-        "--own",
-        action="append",
-        default=[],
-        metavar="PKL",
-        help="a state-isolated comparison (isolation: {state: reference}) of one of the steps: "
-        "its error shows as the step's own error (repeatable)",
-    )
+    summary.add_own_option(parser)
     parser.add_argument("--tsv", default="results/summary.tsv", help="TSV table to write")
     parser.add_argument("--md", default="results/summary.md", help="Markdown table to write")
     args = parser.parse_args(argv)

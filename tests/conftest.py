@@ -1,4 +1,5 @@
-"""Shared fixtures: where the framework environments are and how to run code in them."""
+"""Shared fixtures: where the framework environments are, how to run code in them, and the tiny
+config's dummy data (``data``, made once per session)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def driver_python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """config/config.yaml's dummy data (wavs and manifests), made once."""
+    import yaml
+
+    from nestalign.dummy_data import make_data
+
+    out = tmp_path_factory.mktemp("data")
+    make_data(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["data"], out)
+    return out

@@ -10,17 +10,9 @@ import torch
 from hydra.errors import HydraException
 
 import test_capture
-from captures import ROOT, TINY, capture_argv, nest_capture
+from captures import ROOT, capture_argv, nest_capture
 from nestalign import artifacts as art
-from nestalign.dummy_data import make_data
 from nestalign.runner import capture_main
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    make_data(TINY["data"], out)
-    return out
 
 
 def _main(argv: list[str]) -> int:

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captures import TINY, nest_capture
+from captures import nest_capture
 from mutants import MUTANTS, code_mutants, combined_name_map, neutral_mutants
 from nestalign.compare import compare_steps, load_tolerances
-from nestalign.dummy_data import make_data
 from nestalign.namemap import NameMap
 
 pytestmark = pytest.mark.slow
@@ -52,13 +51,6 @@ def _name_map(names: list[str], tmp: Path) -> tuple[NameMap | None, list[str]]:
     path = tmp / "name_map.yaml"
     path.write_text(yaml.safe_dump(rules))
     return NameMap.load(path), [f"name_map={path}"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    make_data(TINY["data"], out)
-    return out
 
 
 @pytest.fixture(scope="module")

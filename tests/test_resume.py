@@ -11,24 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from captures import TINY, capture_argv, nest_capture
+from captures import capture_argv, nest_capture
 from conftest import run_python
 from nestalign import artifacts as art
 from nestalign.callback import CaptureCallback
 from nestalign.compare import compare_steps, load_tolerances
-from nestalign.dummy_data import make_data
 from nestalign.resume import ResumeError
 
 # The tiny config's 8 training clips in batches of 2: steps 0-3 are epoch 0 (validation after
 # step 3), steps 4-7 epoch 1.
 RUN_FACTS = ("run", "overrides", "created")  # metadata keys that describe the process
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    make_data(TINY["data"], out)
-    return out
 
 
 def assert_same_run(a: Path, b: Path, steps: list[int]) -> None:

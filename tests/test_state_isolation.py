@@ -16,13 +16,12 @@ import torch
 import yaml
 from torch import nn
 
-from captures import TINY, nest_capture
+from captures import nest_capture
 from mutants import combined_name_map
 from nestalign import artifacts as art
 from nestalign.callback import CaptureCallback
 from nestalign.compare import compare_steps, load_tolerances
 from nestalign.compare.verdict import failing_items
-from nestalign.dummy_data import make_data
 from nestalign.namemap import NameMap
 from nestalign.resume import ResumeError, load_named_optimizer_state, named_optimizer_state
 
@@ -112,13 +111,6 @@ def test_state_from_excludes_resume_from_and_init_from(tmp_path):
 
 
 # -- real captures of the nest port and its mutants --------------------------------------------
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    make_data(TINY["data"], out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data) -> Path:
     """The plain port's run over steps 0-4 (step 3 ends epoch 0 with its validation)."""

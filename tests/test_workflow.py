@@ -65,6 +65,12 @@ def write_config(path: Path, **changes) -> Path:
     return path
 
 
+def fault_framework(fault: str) -> dict:
+    """A `nest_fault` framework: the nest port with a capture key `fault=...` planted."""
+    spec = {"script": "scripts/capture_nest.py", "env": "nest", "sources": ["src/nest_ssl"]}
+    return {"nest_fault": {**spec, "overrides": [fault]}}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("workflow")
@@ -168,14 +174,7 @@ def test_a_planted_fault_is_named_as_the_first_culprit(workdir, tmp_path):
     work = tmp_path / "fault"
     shutil.copytree(workdir, work, symlinks=True)  # keeps the NeMo captures up to date
     faulty = "encoder.layers.1.feed_forward2.linear1"
-    frameworks = {
-        "nest_fault": {
-            "script": "scripts/capture_nest.py",
-            "env": "nest",
-            "sources": ["src/nest_ssl"],
-            "overrides": [f"fault={faulty}*1.001"],
-        }
-    }
+    frameworks = fault_framework(f"fault={faulty}*1.001")
     config = write_config(
         work / "fault.yaml", steps=[0], candidate="nest_fault", frameworks=frameworks
     )
@@ -228,14 +227,7 @@ def test_isolation_forces_nest_with_real_nemo_captures(workdir, tmp_path):
     work = tmp_path / "isolation"
     shutil.copytree(workdir, work, symlinks=True)
     faulty = "encoder.layers.1.feed_forward2.linear1"
-    frameworks = {
-        "nest_fault": {
-            "script": "scripts/capture_nest.py",
-            "env": "nest",
-            "sources": ["src/nest_ssl"],
-            "overrides": [f"fault={faulty}*1.001"],
-        }
-    }
+    frameworks = fault_framework(f"fault={faulty}*1.001")
     isolation = {"init": "reference", "forcing": True}
     config = write_config(work / "iso.yaml", steps=[0, 1], isolation=isolation)
     proc = snakemake(work, "-j2", "--configfile", str(config))
@@ -269,14 +261,7 @@ def test_state_isolation_fails_only_the_step_with_a_fault(workdir, tmp_path):
     work = tmp_path / "state"
     shutil.copytree(workdir, work, symlinks=True)
     faulty = "encoder.layers.1.feed_forward2.linear1"
-    frameworks = {
-        "nest_fault": {
-            "script": "scripts/capture_nest.py",
-            "env": "nest",
-            "sources": ["src/nest_ssl"],
-            "overrides": [f"fault={faulty}*1.001@1"],
-        }
-    }
+    frameworks = fault_framework(f"fault={faulty}*1.001@1")
     config = write_config(
         work / "state.yaml",
         steps=[0, 1, 2],

@@ -6,6 +6,7 @@ byte-identical files.
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -253,6 +254,19 @@ def growth(table: list[dict[str, Any]]) -> list[str]:
             + "; ".join(parts)
         )
     return ["", "Growth of the worst max abs over the steps:", "", *lines] if lines else []
+
+
+def add_own_option(parser: argparse.ArgumentParser) -> None:
+    """``--own PKL`` (repeatable): the state-isolated comparisons, for scripts/summary.py and
+    scripts/report.py."""
+    parser.add_argument(
+        "--own",
+        action="append",
+        default=[],
+        metavar="PKL",
+        help="a state-isolated comparison (isolation: {state: reference}) of one of the steps: "
+        "its error shows as the step's own error (repeatable)",
+    )
 
 
 def load_or_error(path: str | os.PathLike) -> dict[str, Any]:
