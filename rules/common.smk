@@ -36,6 +36,7 @@ CAPTURE_FILES = (
     "initial_weights.pt",
     "initial_rng.pt",
     "training_state.pt",
+    "tensor_index.json",
     "config.yaml",
 )
 # What each side imports of the library (tests/test_triggers.py checks these against the imports):

@@ -114,7 +114,7 @@ def test_light_jobs_are_local_rules():
 def test_keep_captures_false_makes_captures_temporary(work):
     out = dry_run(work, keep_captures=False)
     removed = re.findall(r"Would remove temporary output (\S+)", out)
-    assert len(removed) == 2 * 2 * 12  # both frameworks, both steps, every capture file
+    assert len(removed) == 2 * 2 * 13  # both frameworks, both steps, every capture file
     assert all(p.startswith("results/capture/") for p in removed)
     kept = dry_run(work)
     assert "Would remove temporary output" not in kept

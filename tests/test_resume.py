@@ -30,6 +30,9 @@ def assert_same_run(a: Path, b: Path, steps: list[int]) -> None:
         assert sorted(p.name for p in da.iterdir()) == sorted([*art.ALL_FILES, art.CONFIG])
         for name in art.TENSOR_FILES + (art.STRUCTURE,):
             assert (da / name).read_bytes() == (db / name).read_bytes(), f"step {step}: {name}"
+        # the fingerprints are equal; the index's file stamps are the files' own mtimes
+        ia, ib = (art.load_json(d / art.INDEX) for d in (da, db))
+        assert ia["files"] == ib["files"], f"step {step}: {art.INDEX}"
         ma, mb = (json.loads((d / art.METADATA).read_text()) for d in (da, db))
         for key in set(ma) | set(mb):
             if key not in RUN_FACTS:

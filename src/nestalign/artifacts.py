@@ -10,16 +10,22 @@ A step directory holds (see docs/artifacts.md for the full format):
     config.yaml (the composed config, when captured through nestalign.runner)
 
 Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and tensors only, so it
-loads with ``torch.load(path, weights_only=True)``.
+loads with ``torch.load(path, weights_only=True)``. ``tensor_index.json`` holds, per ``.pt`` file,
+a fingerprint of each tensor in the order ``walk_tensors`` visits them (dtype, shape, SHA-256 of
+its bytes, largest finite magnitude, NaN and Inf counts): a compare skips the bytes of tensors
+whose fingerprints agree (``attach_index``, compare.reader.StepSource).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,8 @@ INITIAL_WEIGHTS = "initial_weights.pt"
 INITIAL_RNG = "initial_rng.pt"
 TRAINING_STATE = "training_state.pt"
 CONFIG = "config.yaml"  # the run's composed config (captures made through capture_main)
+INDEX = "tensor_index.json"  # per tensor file, each tensor's fingerprint (tensor_fingerprint)
+FINGERPRINT = "_nestalign_fingerprint"  # the attribute load_indexed gives each loaded tensor
 
 TENSOR_FILES = (
     BATCH,
@@ -49,7 +57,7 @@ TENSOR_FILES = (
     INITIAL_RNG,
     TRAINING_STATE,
 )
-ALL_FILES = (METADATA, STRUCTURE, *TENSOR_FILES)
+ALL_FILES = (METADATA, STRUCTURE, *TENSOR_FILES, INDEX)
 
 
 class ArtifactError(RuntimeError):
@@ -60,20 +68,21 @@ def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / f"step_{step}"
 
 
-def to_plain(obj: Any) -> Any:
+def to_plain(obj: Any, copy: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """Detached CPU copies of tensors inside plain containers; dataclasses become dicts.
 
     Tuples become lists, and objects that are neither containers, tensors nor scalars become
-    their ``repr`` so that the result always loads with ``weights_only=True``.
+    their ``repr`` so that the result always loads with ``weights_only=True``. ``copy`` makes
+    the tensors' copies instead (a recorder that stores a repeated tensor once).
     """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return copy(obj) if copy is not None else obj.detach().to("cpu", copy=True)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name), copy) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v, copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, copy) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return repr(obj)
@@ -128,6 +137,101 @@ def load_tensors(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise ArtifactError(f"{path}: cannot be loaded as a tensor artifact ({exc})") from exc
 
 
+def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors inside plain containers, depth first in container order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from walk_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from walk_tensors(value)
+
+
+def tensor_fingerprint(t: torch.Tensor) -> dict[str, Any]:
+    """dtype, shape, SHA-256 of the contiguous bytes (128 bits, hex), ``scale`` (the largest
+    finite magnitude as the compare's metrics define it) and the NaN and Inf counts."""
+    t = t.detach()
+    flat = t.reshape(-1)
+    raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+    digest = hashlib.sha256(memoryview(raw.contiguous().numpy())).hexdigest()[:32]
+    nan = inf = 0
+    if flat.numel() == 0:
+        scale = 0.0
+    elif t.dtype == torch.bool or t.is_complex():
+        scale = float(flat.numel() > 0) if t.dtype == torch.bool else None
+    else:
+        lo, hi = torch.aminmax(flat)  # one pass, no temporary
+        scale = max(-float(lo), float(hi))
+        if t.is_floating_point() and not scale < math.inf:  # NaN or Inf somewhere
+            finite = torch.isfinite(flat)
+            nan = int(torch.isnan(flat).sum())
+            inf = flat.numel() - int(finite.sum()) - nan
+            kept = flat[finite].abs()
+            scale = float(kept.max()) if kept.numel() else 0.0
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "sha256": digest,
+        "scale": scale,
+        "nan": nan,
+        "inf": inf,
+    }
+
+
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """[size, mtime in ns]: an index describes a file only while its stamp is unchanged (a file
+    written again after its index, by hand or by a tool, is read in full)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def index_of(obj: Any) -> list[dict[str, Any]]:
+    """The fingerprints of an artifact's tensors, in ``walk_tensors`` order (a tensor object that
+    occurs several times is hashed once)."""
+    done: dict[int, dict[str, Any]] = {}
+    return [
+        done[id(t)] if id(t) in done else done.setdefault(id(t), tensor_fingerprint(t))
+        for t in walk_tensors(obj)
+    ]
+
+
+def stored_once(obj: Any, entries: list[dict[str, Any]]) -> Any:
+    """``obj`` with every tensor whose fingerprint (bytes, dtype, shape) was seen before in it
+    replaced by that first tensor, so that the file holds each value once."""
+    first: dict[tuple, torch.Tensor] = {}
+    todo = iter(entries)
+
+    def rebuild(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            e = next(todo)
+            return first.setdefault((e["sha256"], e["dtype"], tuple(e["shape"])), x)
+        if isinstance(x, dict):
+            return {k: rebuild(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(rebuild(v) for v in x)
+        return x
+
+    return rebuild(obj)
+
+
+def attach_index(obj: Any, entries: list[dict[str, Any]]) -> bool:
+    """Give each tensor of a loaded artifact its fingerprint (attribute ``FINGERPRINT``).
+
+    Nothing is attached when the index does not describe these tensors (another count, dtype or
+    shape): the compare then reads them all. Returns whether it was attached."""
+    tensors = list(walk_tensors(obj))
+    fits = len(tensors) == len(entries) and all(
+        e.get("shape") == list(t.shape) and e.get("dtype") == str(t.dtype).removeprefix("torch.")
+        for t, e in zip(tensors, entries, strict=True)
+    )
+    if fits:
+        for t, e in zip(tensors, entries, strict=True):
+            setattr(t, FINGERPRINT, e)
+    return fits
+
+
 def load_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -152,10 +256,16 @@ class StepWriter:
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        self.index: dict[str, list[dict[str, Any]]] = {}
 
-    def tensors(self, name: str, obj: Any) -> None:
+    def tensors(self, name: str, obj: Any, once: bool = False) -> None:
+        """Write one tensor artifact; ``once``: each value in it stored once (``stored_once``),
+        for records nothing mutates after loading (a training state must not alias: an
+        optimizer steps its tensors in place)."""
         try:
-            save_tensors(self.stage / name, obj)
+            entries = index_of(obj)
+            save_tensors(self.stage / name, stored_once(obj, entries) if once else obj)
+            self.index[name] = entries
         except ArtifactError as exc:  # name the file the user will look for, not the staging
             cause = exc.__cause__ or exc
             raise ArtifactError(
@@ -169,6 +279,8 @@ class StepWriter:
         _atomic(self.stage / name, lambda tmp: Path(tmp).write_text(text))
 
     def commit(self) -> Path:
+        stamps = {name: file_stamp(self.stage / name) for name in self.index}
+        save_json(self.stage / INDEX, {"format": 1, "files": self.index, "stamps": stamps})
         self.stage.chmod(0o755)
         for file in self.stage.iterdir():
             file.chmod(0o644)

@@ -198,7 +198,7 @@ class CaptureCallback(pl.Callback):
             writer.tensors(art.LOSS, loss)
             writer.tensors(art.GRADS, parts.get("grads", {}))
             writer.tensors(art.WEIGHTS, art.to_plain(pl_module.state_dict()))
-            writer.tensors(art.LAYERS, recorder.calls)
+            writer.tensors(art.LAYERS, recorder.calls, once=True)
             initial = self._initial or {"weights": {}, "rng": {}}
             writer.tensors(art.INITIAL_WEIGHTS, initial["weights"])
             writer.tensors(art.INITIAL_RNG, initial["rng"])

@@ -125,6 +125,7 @@ class LayerRecorder:
         self._finished = 0
         self._root_forward = None
         self._watched: dict[tuple[int, int], tuple[torch.Tensor, list[tuple]]] = {}
+        self._copies: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- naming -------------------------------------------------------------------------------
     def _name_of(self, module: nn.Module) -> str:
@@ -138,6 +139,19 @@ class LayerRecorder:
         k = frame.seen.get(id(module), 0)
         frame.seen[id(module)] = k + 1
         return slots[k % len(slots)]
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """One CPU copy per tensor value: an output that is the next call's input (or the input
+        of several calls) is recorded, and saved, once. The source is kept until ``stop`` so its
+        id is not reused; an in-place change makes a new version, and a new copy."""
+        try:
+            key = (id(t), t._version)
+        except RuntimeError:  # inference tensors have no version counter
+            return t.detach().to("cpu", copy=True)
+        kept = self._copies.get(key)
+        if kept is None:
+            kept = self._copies[key] = (t, t.detach().to("cpu", copy=True))
+        return kept[1]
 
     # -- hooks --------------------------------------------------------------------------------
     def _enter(self, name: str, module: nn.Module, fn: Callable, args: tuple, kwargs: dict):
@@ -155,7 +169,7 @@ class LayerRecorder:
             "start": len(self.calls),
             "end": -1,
             "input_names": list(inputs),
-            "inputs": art.to_plain(list(inputs.values())),
+            "inputs": art.to_plain(list(inputs.values()), self._copy),
             "outputs": None,
             "grad_outputs": None,
             "grad_inputs": None,
@@ -179,7 +193,7 @@ class LayerRecorder:
         entry["rng_state"] = frame.rng_enter[0] if drew else None
         if self._stack:
             self._stack[-1].rng_last = rng
-        entry["outputs"] = art.to_plain(output)
+        entry["outputs"] = art.to_plain(output, self._copy)
         entry["end"] = self._finished
         self._finished += 1
         seen = self._outgoing(entry, output)
@@ -237,6 +251,7 @@ class LayerRecorder:
         self.calls.clear()
         self._counts.clear()
         self._watched.clear()
+        self._copies.clear()
         self._finished = 0
         for name, module in self.model.named_modules():
             if not name:
@@ -262,6 +277,7 @@ class LayerRecorder:
             handle.remove()
         self._handles.clear()
         self._watched.clear()  # backward is over: let the watched tensors go
+        self._copies.clear()
         if self._root_forward is not None:
             del self.model.forward  # drop the instance attribute, back to the class method
             self._root_forward = None

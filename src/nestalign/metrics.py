@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from nestalign.artifacts import FINGERPRINT
+
 # (rtol, atol) per dtype, as torch.testing.assert_close picks them when none are given.
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (1e-3, 1e-5),
@@ -219,10 +221,45 @@ def _layout(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float) -> 
     return None
 
 
+def _same_fingerprint(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, Any] | None:
+    """The reference's fingerprint when both sides carry equal ones (same bytes), else None."""
+    a, b = getattr(ref, FINGERPRINT, None), getattr(cand, FINGERPRINT, None)
+    if a is None or b is None or a.get("sha256") != b.get("sha256") or ref.is_complex():
+        return None
+    if ref.dtype != cand.dtype or ref.shape != cand.shape:
+        return None
+    return a
+
+
+def _identical(ref: torch.Tensor, fp: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """What the chunked pass gives two bitwise-equal tensors, from the capture's fingerprint."""
+    exact = not ref.is_floating_point()
+    out.update(
+        ok=True,
+        equal_share=1.0,
+        allclose_share=1.0,
+        max_abs=0.0,
+        max_rel=0.0,
+        mean_abs=0.0,
+        rmse=0.0,
+        cosine=1.0,
+        scale=float(fp["scale"]),
+        nan_ref=0 if exact else int(fp["nan"]),
+        nan_cand=0 if exact else int(fp["nan"]),
+        inf_ref=0 if exact else int(fp["inf"]),
+        inf_cand=0 if exact else int(fp["inf"]),
+    )
+    if not exact and ref.dtype in _EXPONENT:
+        out["max_ulp"] = 0.0
+        out["mean_ulp"] = 0.0
+    return out
+
+
 def compare_tensors(
     ref: Any, cand: Any, atol: float | None = None, rtol: float | None = None
 ) -> dict[str, Any]:
-    """Metrics of one pair (see the module docstring); non-tensors are compared for equality."""
+    """Metrics of one pair (see the module docstring); non-tensors are compared for equality.
+    Two tensors whose capture fingerprints agree (artifacts.attach_index) are not read."""
     if not isinstance(ref, torch.Tensor) or not isinstance(cand, torch.Tensor):
         return _compare_plain(ref, cand)
     if atol is None or rtol is None:
@@ -231,6 +268,9 @@ def compare_tensors(
         rtol = drtol if rtol is None else rtol
     out = _empty(ref, cand)
     out["atol"], out["rtol"] = atol, rtol
+    same = _same_fingerprint(ref, cand)
+    if same is not None:
+        return _identical(ref, same, out)
     if ref.is_complex() or cand.is_complex():
         ref, cand = torch.view_as_real(ref.resolve_conj()), torch.view_as_real(cand.resolve_conj())
     if ref.shape != cand.shape:

@@ -16,9 +16,11 @@ from nestalign import artifacts as art
 class StepSource:
     """One captured step directory; artifacts load one at a time and are never cached."""
 
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False, use_index: bool = True):
         self.path = Path(path)
         self.allow_pickle = allow_pickle
+        self.use_index = use_index
+        self._index: dict[str, Any] | None = None
         if not self.path.is_dir():
             raise art.ArtifactError(f"{self.path}: not a step directory")
         self.original = (self.path / "layer_outputs.pkl").exists() and not (
@@ -54,11 +56,32 @@ class StepSource:
         if name == art.LAYERS and self.original:
             return _original_layers(self._pickle(self.path / "layer_outputs.pkl"))
         try:
-            return art.load_tensors(path, mmap=True)
+            obj = art.load_tensors(path, mmap=True)
         except art.ArtifactError:
             if not (self.original and self.allow_pickle and path.is_file()):
                 raise
             return self._pickle(path, torch_file=True)
+        entries = self.index().get(name)
+        if entries is not None:
+            art.attach_index(obj, entries)
+        return obj
+
+    def index(self) -> dict[str, list[dict[str, Any]]]:
+        """The step's tensor fingerprints per file, for the files unchanged since they were
+        indexed (empty for captures made without an index)."""
+        if self._index is None:
+            found = self.use_index and self.has(art.INDEX)
+            data = art.load_json(self.path / art.INDEX) if found else {}
+            files = data.get("files") if isinstance(data, dict) else None
+            stamps = data.get("stamps") if isinstance(data, dict) else None
+            self._index = {
+                name: entries
+                for name, entries in (files or {}).items()
+                if isinstance(stamps, dict)
+                and self.has(name)
+                and stamps.get(name) == art.file_stamp(self.path / name)
+            }
+        return self._index
 
     def _pickle(self, path: Path, torch_file: bool = False) -> Any:
         if not self.allow_pickle:

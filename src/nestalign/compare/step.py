@@ -155,11 +155,13 @@ def compare_steps(
     name_map: NameMap | None = None,
     allow_pickle: bool = False,
     force: bool = False,
+    use_index: bool = True,
 ) -> dict[str, Any]:
     """Compare one captured step of the reference with the candidate's (see module docstring).
 
     The metadata of both sides is cross-checked first (METADATA_KEYS): a difference is an error
-    and nothing is compared, unless ``force`` (then it is a note)."""
+    and nothing is compared, unless ``force`` (then it is a note). Tensors whose fingerprints in
+    both sides' tensor_index.json agree are not read (``use_index=False`` reads them all)."""
     tols = tolerances or load_tolerances()
     nmap = name_map or IDENTITY
     result: dict[str, Any] = {
@@ -183,7 +185,8 @@ def compare_steps(
         "divergences": [],
     }
     try:
-        ref, cand = StepSource(ref_dir, allow_pickle), StepSource(cand_dir, allow_pickle)
+        ref = StepSource(ref_dir, allow_pickle, use_index)
+        cand = StepSource(cand_dir, allow_pickle, use_index)
     except art.ArtifactError as exc:
         result["errors"].append({"category": "all", "error": str(exc)})
         return result
