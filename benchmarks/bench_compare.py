@@ -181,13 +181,14 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(ref: str, cand: str, threads: int) -> None:
+def child(ref: str, cand: str, threads: int, force: bool = False) -> None:
+    """One compare_steps in this process: prints its seconds, peak and base RSS, verdict."""
     from nestalign.compare import compare_steps, load_tolerances
 
     torch.set_num_threads(threads)
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    result = compare_steps(ref, cand, load_tolerances(atol=1e-5, rtol=1e-5))
+    result = compare_steps(ref, cand, load_tolerances(atol=1e-5, rtol=1e-5), force=force)
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
     print(
