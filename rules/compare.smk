@@ -36,26 +36,30 @@ rule compare:
 
 # `isolation: {state: reference}`: each step's own error, the candidate's step started from the
 # reference's state after the step before.
-use rule compare as compare_state with:
-    input:
-        ref=capture_files(REFERENCE),
-        cand=state_files(),
-        script="scripts/compare.py",
-        code=COMPARE_LIBRARY,
-        name_map=[config["name_map"]] if config.get("name_map") else [],
-        env=env_ready("align"),
-    output:
-        "results/compare/state/seed_{seed}/step_{step}.pkl",
-    log:
-        "results/logs/compare/state/seed_{seed}/step_{step}.log",
-    benchmark:
-        "results/benchmarks/compare/state/seed_{seed}/step_{step}.tsv"
-    params:
-        python=interpreter("align"),
-        ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
-        cand=lambda w: state_dir(w.seed, w.step),
-        tolerance=tolerance_option(),
-        name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
+if STATE:
+
+    use rule compare as compare_state with:
+        input:
+            ref=capture_files(REFERENCE),
+            cand=state_files(),
+            script="scripts/compare.py",
+            code=COMPARE_LIBRARY,
+            name_map=[config["name_map"]] if config.get("name_map") else [],
+            env=env_ready("align"),
+        output:
+            "results/compare/state/seed_{seed}/step_{step}.pkl",
+        log:
+            "results/logs/compare/state/seed_{seed}/step_{step}.log",
+        benchmark:
+            "results/benchmarks/compare/state/seed_{seed}/step_{step}.tsv"
+        params:
+            python=interpreter("align"),
+            ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
+            cand=lambda w: state_dir(w.seed, w.step),
+            tolerance=tolerance_option(),
+            name_map=(
+                f"--name-map {config['name_map']}" if config.get("name_map") else ""
+            ),
 
 
 rule summary:
