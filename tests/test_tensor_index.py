@@ -146,3 +146,13 @@ def test_the_recorder_copies_an_output_that_is_the_next_calls_input_once():
     recorder.stop()
     by_name = {c["name"]: c for c in recorder.calls}
     assert by_name["0"]["outputs"] is by_name["1"]["inputs"][0]
+
+
+@pytest.mark.parametrize("name", ["float32", "nan and inf", "float16", "transposed view"])
+def test_a_differing_pair_with_fingerprints_gives_what_reading_it_gives(name):
+    """The scale (the small-value floor of max_rel) comes from the fingerprints then."""
+    t = _cases()[name]
+    other = t * 1.001 + 1e-3
+    read = compare_tensors(t, other, 1e-5, 1e-5)
+    indexed = compare_tensors(_with_fingerprint(t), _with_fingerprint(other), 1e-5, 1e-5)
+    assert indexed == read
