@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         "device, deterministic flags, torch, config_sha256); the difference becomes a note",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is pass")
+    parser.add_argument(
+        "--no-index",
+        action="store_true",
+        help="read every tensor, also those whose tensor_index.json fingerprints agree",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -56,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         name_map = NameMap.load(args.name_map) if args.name_map else None
     except (ToleranceError, NameMapError) as exc:
         parser.error(str(exc))
-    result = compare_steps(args.ref, args.cand, tols, name_map, force=args.force)
+    result = compare_steps(
+        args.ref, args.cand, tols, name_map, force=args.force, use_index=not args.no_index
+    )
     save_result(result, args.out)
     print("\n".join(verdict_lines(result)))
     return 1 if args.strict and result["verdict"] != "pass" else 0

@@ -4,7 +4,15 @@ of state-isolated steps beside the free-running ones."""
 
 from __future__ import annotations
 
-from nestalign.summary import DRIFT_CATEGORIES, growth, load_or_error, markdown, rows, tsv
+from nestalign.summary import (
+    DRIFT_CATEGORIES,
+    collect,
+    growth,
+    load_or_error,
+    markdown,
+    rows,
+    tsv,
+)
 
 
 def _row(seed: int, step: int, value: float | None, cand: str = "nest") -> dict:
@@ -79,3 +87,11 @@ def test_own_errors_sit_beside_the_free_running_ones():
     assert "| own | own rel loss/grads/weights |" in md[0]
     assert "| FAIL | 0.001/0.001/0.001 |" in md[3]
     assert "| - |" in markdown(rows(free)).splitlines()[2]
+
+
+def test_a_directory_of_comparisons_leaves_the_state_isolated_ones_to_own(tmp_path):
+    for rel in ("seed_1/step_0.pkl", "state/seed_1/step_0.pkl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert collect([tmp_path]) == [str(tmp_path / "seed_1/step_0.pkl")]
+    assert collect([tmp_path / "state"]) == [str(tmp_path / "state/seed_1/step_0.pkl")]

@@ -46,10 +46,15 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def collect(paths: list[str | os.PathLike]) -> list[str]:
-    """Pickle files from files and directories (searched recursively), sorted."""
+    """Pickle files from files and directories (searched recursively), sorted. Below a given
+    directory, a ``state`` folder (the state-isolated comparisons, read through ``--own``) is
+    left out."""
     out = []
     for p in map(Path, paths):
-        out += [str(f) for f in sorted(p.rglob("*.pkl"))] if p.is_dir() else [str(p)]
+        if not p.is_dir():
+            out.append(str(p))
+            continue
+        out += [str(f) for f in p.rglob("*.pkl") if "state" not in f.relative_to(p).parts[:-1]]
     return sorted(set(out))
 
 
