@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +264,14 @@ class StepWriter:
         for records nothing mutates after loading (a training state must not alias: an
         optimizer steps its tensors in place)."""
         try:
-            entries = index_of(obj)
-            save_tensors(self.stage / name, stored_once(obj, entries) if once else obj)
+            if once:  # the fingerprints decide what is stored
+                entries = index_of(obj)
+                save_tensors(self.stage / name, stored_once(obj, entries))
+            else:  # hashed while torch.save writes (both release the GIL for large buffers)
+                with ThreadPoolExecutor(1) as pool:
+                    pending = pool.submit(index_of, obj)
+                    save_tensors(self.stage / name, obj)
+                    entries = pending.result()
             self.index[name] = entries
         except ArtifactError as exc:  # name the file the user will look for, not the staging
             cause = exc.__cause__ or exc
