@@ -78,13 +78,14 @@ def main() -> int:
         data = Path(tmp) / "data"
         make_data(TINY["data"], data)
         for size in args.size:
-            for label, checkout in checkouts.items():
-                times = {k: [] for k in plans}
-                for i in range(args.runs):
-                    for plan, steps in plans.items():  # interleaved: drift hits all three
+            times = {label: {k: [] for k in plans} for label in checkouts}
+            for i in range(args.runs):  # interleaved, so that the machine's drift hits all
+                for plan, steps in plans.items():
+                    for label, checkout in checkouts.items():
                         out = Path(tmp) / f"{size}_{label.replace(' ', '_')}_{plan}_{i}"
-                        times[plan].append(run(checkout, size, data, out, steps))
-                med = {k: statistics.median(v) for k, v in times.items()}
+                        times[label][plan].append(run(checkout, size, data, out, steps))
+            for label in checkouts:
+                med = {k: statistics.median(v) for k, v in times[label].items()}
                 captured = (med["all"] - med["first"]) / (n - 1)
                 plain = (med["last"] - med["first"]) / (n - 1)
                 disk = step_bytes(Path(tmp) / f"{size}_{label.replace(' ', '_')}_all_0" / "step_1")
