@@ -21,26 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+from bench_compare_real import SIZES as REAL_SIZES  # noqa: E402
+
 from captures import TINY, capture_argv  # noqa: E402
 
-SIZES = {
-    "tiny": TINY["model_overrides"],
-    "small": yaml.safe_load((ROOT / "config/sweeps/small.yaml").read_text())["model_overrides"],
-}
+SIZES = {k: v for k, v in REAL_SIZES.items() if k != "full"}  # full: about 5 GB per capture
 
 
 def run(checkout: Path, size: str, data: Path, out: Path, steps: str) -> float:
-    argv = [a for a in capture_argv(out, data, steps) if not a.startswith("model.")]
-    argv += [
-        f"model.train_ds.manifest_filepath={data}/train_manifest.json",
-        f"model.train_ds.noise_manifest={data}/noise_manifest.json",
-        f"model.validation_ds.manifest_filepath={data}/val_manifest.json",
-        *SIZES[size],
-    ]
+    argv = capture_argv(out, data, steps, model_overrides=SIZES[size])
     python = ROOT / ".venvs" / "nest" / "bin" / "python"
     t0 = time.perf_counter()
     subprocess.run(

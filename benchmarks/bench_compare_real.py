@@ -68,16 +68,8 @@ def capture(size: str, name: str, data: Path, out: Path) -> Path:
     if (step / art.INDEX).is_file():
         return step
     framework, seed, threads = CAPTURES[name]
-    argv = capture_argv(out, data, "0")
-    argv = [a for a in argv if not a.startswith(("seed=", "threads=", "model."))]
-    argv += [
-        f"model.train_ds.manifest_filepath={data}/train_manifest.json",
-        f"model.train_ds.noise_manifest={data}/noise_manifest.json",
-        f"model.validation_ds.manifest_filepath={data}/val_manifest.json",
-        *SIZES[size],
-        f"seed={seed}",
-        f"threads={threads}",
-    ]
+    keys = (f"seed={seed}", f"threads={threads}")
+    argv = capture_argv(out, data, "0", *keys, model_overrides=SIZES[size])
     python = ROOT / ".venvs" / framework / "bin" / "python"
     t0 = time.perf_counter()
     subprocess.run(

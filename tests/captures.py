@@ -14,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-def capture_argv(out: Path, data: Path, steps: str, *keys: str) -> list[str]:
-    """The capture command line of the tiny config (seed 42, one thread), for any framework."""
+def capture_argv(
+    out: Path, data: Path, steps: str, *keys: str, model_overrides: list[str] | None = None
+) -> list[str]:
+    """The capture command line of the tiny config (seed 42, one thread), for any framework;
+    ``model_overrides`` in place of the tiny model's (another size). Later keys win."""
     return [
         "--config-path",
         str(ROOT / "config"),
@@ -24,7 +27,7 @@ def capture_argv(out: Path, data: Path, steps: str, *keys: str) -> list[str]:
         f"model.train_ds.manifest_filepath={data}/train_manifest.json",
         f"model.train_ds.noise_manifest={data}/noise_manifest.json",
         f"model.validation_ds.manifest_filepath={data}/val_manifest.json",
-        *TINY["model_overrides"],
+        *(TINY["model_overrides"] if model_overrides is None else model_overrides),
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "trainer.enable_progress_bar=false",

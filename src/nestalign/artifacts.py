@@ -150,6 +150,19 @@ def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from walk_tensors(value)
 
 
+def magnitude(x: torch.Tensor) -> tuple[float, bool]:
+    """(the largest finite magnitude of a real tensor, 0 when it has none; whether every element
+    is finite), in one pass when all are."""
+    if x.numel() == 0:
+        return 0.0, True
+    lo, hi = torch.aminmax(x)  # no temporary
+    top = max(-float(lo), float(hi))
+    if math.isfinite(top):
+        return top, True
+    kept = x[torch.isfinite(x)]
+    return (float(kept.abs().max()) if kept.numel() else 0.0), False
+
+
 def tensor_fingerprint(t: torch.Tensor) -> dict[str, Any]:
     """dtype, shape, SHA-256 of the contiguous bytes (128 bits, hex), ``scale`` (the largest
     finite magnitude as the compare's metrics define it) and the NaN and Inf counts."""
@@ -158,19 +171,13 @@ def tensor_fingerprint(t: torch.Tensor) -> dict[str, Any]:
     raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
     digest = hashlib.sha256(memoryview(raw.contiguous().numpy())).hexdigest()[:32]
     nan = inf = 0
-    if flat.numel() == 0:
-        scale = 0.0
-    elif t.dtype == torch.bool or t.is_complex():
+    if t.dtype == torch.bool or t.is_complex():
         scale = float(flat.numel() > 0) if t.dtype == torch.bool else None
     else:
-        lo, hi = torch.aminmax(flat)  # one pass, no temporary
-        scale = max(-float(lo), float(hi))
-        if t.is_floating_point() and not scale < math.inf:  # NaN or Inf somewhere
-            finite = torch.isfinite(flat)
+        scale, finite = magnitude(flat)
+        if not finite:
             nan = int(torch.isnan(flat).sum())
-            inf = flat.numel() - int(finite.sum()) - nan
-            kept = flat[finite].abs()
-            scale = float(kept.max()) if kept.numel() else 0.0
+            inf = flat.numel() - int(torch.isfinite(flat).sum()) - nan
     return {
         "dtype": str(t.dtype).removeprefix("torch."),
         "shape": list(t.shape),
@@ -192,10 +199,10 @@ def index_of(obj: Any) -> list[dict[str, Any]]:
     """The fingerprints of an artifact's tensors, in ``walk_tensors`` order (a tensor object that
     occurs several times is hashed once)."""
     done: dict[int, dict[str, Any]] = {}
-    return [
-        done[id(t)] if id(t) in done else done.setdefault(id(t), tensor_fingerprint(t))
-        for t in walk_tensors(obj)
-    ]
+    for t in walk_tensors(obj):
+        if id(t) not in done:
+            done[id(t)] = tensor_fingerprint(t)
+    return [done[id(t)] for t in walk_tensors(obj)]
 
 
 def stored_once(obj: Any, entries: list[dict[str, Any]]) -> Any:

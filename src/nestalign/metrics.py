@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nestalign.artifacts import FINGERPRINT
+from nestalign.artifacts import FINGERPRINT, magnitude
 
 # (rtol, atol) per dtype, as torch.testing.assert_close picks them when none are given.
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -85,24 +85,13 @@ def _ulp_unit(ref: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     return p2.to(work).clamp_min_(torch.finfo(ref.dtype).tiny)
 
 
-def _scale(x: torch.Tensor) -> float:
-    """Largest finite magnitude of ``x`` (0 for an empty tensor)."""
-    if x.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(x)
-    top = max(-float(lo), float(hi))
-    if math.isfinite(top):
-        return top
-    finite = x[torch.isfinite(x)]
-    return float(finite.abs().max()) if finite.numel() else 0.0
-
-
-def _known_scale(t: torch.Tensor) -> float | None:
-    """The largest finite magnitude from the capture's fingerprint, when it has one."""
+def scale_of(t: torch.Tensor) -> float:
+    """Largest finite magnitude of ``t`` (0 when it has none): from the capture's fingerprint
+    when it has one (the tensor is not read), else one pass over it."""
     fp = getattr(t, FINGERPRINT, None)
-    if fp is None or fp.get("scale") is None or not t.is_floating_point():
-        return None
-    return float(fp["scale"])
+    if fp is not None and fp.get("scale") is not None and t.is_floating_point():
+        return float(fp["scale"])
+    return magnitude(t.reshape(-1))[0]
 
 
 def _float_pass(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float) -> dict:
@@ -113,10 +102,7 @@ def _float_pass(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float)
     n = a_all.numel()
     work = torch.float64 if torch.float64 in (ref.dtype, cand.dtype) else torch.float32
     ulp_ok = ref.dtype == cand.dtype and ref.dtype in _EXPONENT
-    known = [_known_scale(ref), _known_scale(cand)]
-    scale = max(
-        k if k is not None else _scale(x) for k, x in zip(known, (a_all, b_all), strict=True)
-    )
+    scale = max(scale_of(ref), scale_of(cand))
     floor = max(REL_FLOOR * scale, torch.finfo(work).tiny)
     keys = ("sum_abs", "sum_sq", "aa", "bb", "ab", "sum_ulp", "max_abs", "max_rel", "max_ulp")
     acc: dict[str, Any] = dict.fromkeys(keys, 0.0)

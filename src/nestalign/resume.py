@@ -294,8 +294,7 @@ class Resumer:
 
     def initial(self, model: nn.Module) -> dict[str, Any]:
         """The saved run's initial state, in this model's names (its initial_* artifacts)."""
-        own = model.state_dict()
-        weights = {k: v.detach().cpu().clone() for k, v in own.items()}
+        weights = art.to_plain(model.state_dict())  # names the map ignores keep their own
         weights.update(self._weights(art.INITIAL_WEIGHTS, model))
         return {"weights": weights, "rng": art.load_tensors(f"{self.step_dir}/{art.INITIAL_RNG}")}
 

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 import yaml
 
-from nestalign.artifacts import FINGERPRINT
-from nestalign.metrics import default_tolerance
+from nestalign.metrics import default_tolerance, scale_of
 
 TOLERANCE_KEYS = (
     "init",
@@ -121,12 +120,7 @@ def tensor_scale(t: Any) -> float | None:
     """Largest finite magnitude of a float tensor (0.0 when it has none); None otherwise."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
         return None
-    known = getattr(t, FINGERPRINT, None)
-    if known is not None and known.get("scale") is not None:
-        return float(known["scale"])  # from the capture: the tensor is not read
-    a = t.detach().abs()
-    finite = a[torch.isfinite(a)]
-    return float(finite.max()) if finite.numel() else 0.0
+    return scale_of(t.detach())
 
 
 def gradient_atol(atol: float | None, ref: Any) -> float | None:
