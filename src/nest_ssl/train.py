@@ -38,6 +38,7 @@ CAPTURE_KEYS = {
     "name_map",
     "resume_from",
     "state_from",
+    "capture",
     "run_key",
 }
 PRECISIONS = (32, "32", "32-true")

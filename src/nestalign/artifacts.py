@@ -13,7 +13,9 @@ Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and t
 loads with ``torch.load(path, weights_only=True)``. ``tensor_index.json`` holds, per ``.pt`` file,
 a fingerprint of each tensor in the order ``walk_tensors`` visits them (dtype, shape, SHA-256 of
 its bytes, largest finite magnitude, NaN and Inf counts): a compare skips the bytes of tensors
-whose fingerprints agree (``attach_index``, compare.reader.StepSource).
+whose fingerprints agree (``attach_index``, compare.reader.StepSource). A fingerprint capture
+(``StepWriter(fingerprint=True)``) writes no ``.pt`` file: its index adds each tensor's
+``tensor_stats`` and each file's skeleton (``skeleton_of``), read by nestalign.fingerprints.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ INITIAL_RNG = "initial_rng.pt"
 TRAINING_STATE = "training_state.pt"
 CONFIG = "config.yaml"  # the run's composed config (captures made through capture_main)
 INDEX = "tensor_index.json"  # per tensor file, each tensor's fingerprint (tensor_fingerprint)
+STATS_CHUNK = 1 << 17  # elements per float64 piece of tensor_stats
+TENSOR_MARK = "__tensor__"  # a tensor's place in a fingerprint capture's skeleton (skeleton_of)
 FINGERPRINT = "_nestalign_fingerprint"  # the attribute load_indexed gives each loaded tensor
 
 TENSOR_FILES = (
@@ -188,6 +192,34 @@ def tensor_fingerprint(t: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def tensor_stats(t: torch.Tensor) -> dict[str, float] | None:
+    """Sum, sum of magnitudes, L2 norm, minimum and maximum (float64) of a real tensor whose
+    elements are all finite; None otherwise (complex, empty, or NaN/Inf present). Each is within
+    known bounds of the other side's when two tensors agree elementwise (nestalign.fingerprints).
+    """
+    if t.is_complex() or t.numel() == 0:
+        return None
+    x = t.detach().reshape(-1)
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    lo, hi = torch.aminmax(x)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):  # NaN propagates
+        return None
+    total = magnitudes = squares = 0.0
+    for start in range(0, x.numel(), STATS_CHUNK):  # float64 copies of cache-sized pieces
+        c = x[start : start + STATS_CHUNK].to(torch.float64)
+        total += float(c.sum())
+        squares += float(torch.dot(c, c))
+        magnitudes += float(c.abs_().sum())
+    return {
+        "sum": total,
+        "abs_sum": magnitudes,
+        "norm": math.sqrt(squares),
+        "min": float(lo),
+        "max": float(hi),
+    }
+
+
 def file_stamp(path: str | os.PathLike) -> list[int]:
     """[size, mtime in ns]: an index describes a file only while its stamp is unchanged (a file
     written again after its index, by hand or by a tool, is read in full)."""
@@ -195,14 +227,37 @@ def file_stamp(path: str | os.PathLike) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def index_of(obj: Any) -> list[dict[str, Any]]:
+def index_of(obj: Any, stats: bool = False) -> list[dict[str, Any]]:
     """The fingerprints of an artifact's tensors, in ``walk_tensors`` order (a tensor object that
-    occurs several times is hashed once)."""
+    occurs several times is hashed once); ``stats``: with ``tensor_stats`` as ``stats``."""
     done: dict[int, dict[str, Any]] = {}
     for t in walk_tensors(obj):
         if id(t) not in done:
             done[id(t)] = tensor_fingerprint(t)
+            if stats:
+                done[id(t)]["stats"] = tensor_stats(t)
     return [done[id(t)] for t in walk_tensors(obj)]
+
+
+def skeleton_of(obj: Any) -> Any:
+    """An artifact's containers and plain values as JSON, each tensor replaced by
+    ``{TENSOR_MARK: i}`` (its position in ``walk_tensors`` order, i.e. in the index)."""
+    count = 0
+
+    def build(x: Any) -> Any:
+        nonlocal count
+        if isinstance(x, torch.Tensor):
+            count += 1
+            return {TENSOR_MARK: count - 1}
+        if isinstance(x, dict):
+            return {str(k): build(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [build(v) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            return repr(x)
+        return x
+
+    return build(obj)
 
 
 def stored_once(obj: Any, entries: list[dict[str, Any]]) -> Any:
@@ -255,9 +310,13 @@ class StepWriter:
 
     Files go to a hidden staging directory beside the target, each through a temporary file;
     ``commit`` renames the staging directory into place (replacing an older capture).
+    ``fingerprint``: no tensor bytes are written, only the index (each fingerprint with its
+    ``tensor_stats``) and each artifact's skeleton (docs/artifacts.md, fingerprint captures).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, step: int):
+    def __init__(self, run_dir: str | os.PathLike, step: int, fingerprint: bool = False):
+        self.fingerprint = fingerprint
+        self.skeletons: dict[str, Any] = {}
         self.final = step_dir(run_dir, step)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.final.parent.glob(f".{self.final.name}.*"):  # left by a killed run
@@ -270,6 +329,10 @@ class StepWriter:
         """Write one tensor artifact; ``once``: each value in it stored once (``stored_once``),
         for records nothing mutates after loading (a training state must not alias: an
         optimizer steps its tensors in place)."""
+        if self.fingerprint:
+            self.index[name] = index_of(obj, stats=True)
+            self.skeletons[name] = skeleton_of(obj)
+            return
         try:
             if once:  # the fingerprints decide what is stored
                 entries = index_of(obj)
@@ -293,8 +356,13 @@ class StepWriter:
         _atomic(self.stage / name, lambda tmp: Path(tmp).write_text(text))
 
     def commit(self) -> Path:
-        stamps = {name: file_stamp(self.stage / name) for name in self.index}
-        save_json(self.stage / INDEX, {"format": 1, "files": self.index, "stamps": stamps})
+        if self.fingerprint:
+            index = {"format": 1, "mode": "fingerprint", "files": self.index}
+            index["skeletons"] = self.skeletons
+        else:
+            stamps = {name: file_stamp(self.stage / name) for name in self.index}
+            index = {"format": 1, "files": self.index, "stamps": stamps}
+        save_json(self.stage / INDEX, index)
         self.stage.chmod(0o755)
         for file in self.stage.iterdir():
             file.chmod(0o644)

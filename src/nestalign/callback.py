@@ -57,8 +57,10 @@ class CaptureCallback(pl.Callback):
         resume_from: str | None = None,
         config_yaml: str | None = None,
         state_from: str | None = None,
+        fingerprint: bool = False,
     ):
         self.out_dir = out_dir
+        self.fingerprint = fingerprint
         self.steps = sorted({int(s) for s in steps})
         self.metadata = dict(metadata or {})
         self.output_names = list(output_names or [])
@@ -85,6 +87,7 @@ class CaptureCallback(pl.Callback):
                 f"{self.steps} must all come after it"
             )
         self.metadata.update(init_from=init_from, force_from=force_from, state_from=state_from)
+        self.metadata["capture"] = "fingerprint" if fingerprint else "full"
         self._recorder: LayerRecorder | None = None
         self._initial: dict[str, Any] | None = None
         self._step: int | None = None
@@ -163,7 +166,7 @@ class CaptureCallback(pl.Callback):
         if "loss" not in parts and isinstance(outputs, dict) and "loss" in outputs:
             parts["loss"] = outputs["loss"].detach().to("cpu", copy=True)
         self._finish_pending()
-        writer = art.StepWriter(self.out_dir, step)
+        writer = art.StepWriter(self.out_dir, step, self.fingerprint)
         try:
             state = training_state(trainer, pl_module, parts, self._sampler)
             loss = parts.get("loss")

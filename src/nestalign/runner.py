@@ -34,6 +34,7 @@ from nestalign.resume import ResumeError
 from nestalign.state import InitError
 
 OUTPUT_NAMES = ("log_probs", "encoded_len", "masks", "tokens")
+CAPTURE_MODES = ("full", "fingerprint")
 
 
 def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
@@ -51,6 +52,7 @@ def parse_args(argv: list[str], framework: str) -> argparse.Namespace:
         "resume_from (a step dir of this run's own earlier capture: continue right after it), "
         "state_from (a reference step dir: continue from its complete training state, "
         "through name_map), "
+        "capture (full: every tensor; fingerprint: only each tensor's hash and statistics), "
         "run_key (kept in metadata: the workflow resumes only runs of the same key).",
     )
     parser.add_argument("--config-path", "-cp", default="config", help="config directory")
@@ -166,6 +168,13 @@ def _existing_dir(value: Any, key: str) -> str | None:
     return str(value)
 
 
+def capture_mode(value: Any) -> str:
+    """``capture=full`` (every tensor's bytes) or ``capture=fingerprint`` (only fingerprints)."""
+    if value not in CAPTURE_MODES:
+        raise ValueError(f"capture={value!r}: expected one of {', '.join(CAPTURE_MODES)}")
+    return str(value)
+
+
 def trainer_kwargs(cfg: DictConfig, deterministic: bool) -> dict[str, Any]:
     """The config's trainer arguments; the run's length stays the config's, so the schedulers
     see it (CaptureCallback ends training after the last captured step)."""
@@ -239,6 +248,7 @@ def capture_main(
             resume_from=_existing_dir(cfg.get("resume_from"), "resume_from"),
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             state_from=_existing_dir(cfg.get("state_from"), "state_from"),
+            fingerprint=capture_mode(cfg.get("capture", "full")) == "fingerprint",
         )
     except (NameMapError, art.ArtifactError, ResumeError, ValueError) as exc:
         raise SystemExit(str(exc)) from None
