@@ -21,6 +21,7 @@ COMMANDS = {
     "nest-align-capture-nest": "capture_nest.py",
     "nest-align-compare": "compare.py",
     "nest-align-compare-outputs": "compare_nemo_nest_outputs.py",
+    "nest-align-compare-fingerprints": "compare_fingerprints.py",
     "nest-align-summary": "summary.py",
     "nest-align-report": "report.py",
     "nest-align-make-data": "make_data.py",
@@ -62,6 +63,10 @@ def compare() -> int:
 
 def compare_outputs() -> int:
     return _run("nest-align-compare-outputs")
+
+
+def compare_fingerprints() -> int:
+    return _run("nest-align-compare-fingerprints")
 
 
 def summary() -> int:

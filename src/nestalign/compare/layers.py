@@ -128,7 +128,7 @@ def _inside(by_start: dict[int, dict], outer: dict, inner: dict) -> bool:
     return False
 
 
-def _match_candidate(
+def match_candidate(
     cand_calls: list[dict], name_map: NameMap, ignored: list[str]
 ) -> tuple[dict[tuple[str, int], dict], list[dict]]:
     """Candidate calls under reference keys (name through the map, recorded call index), and
@@ -177,7 +177,7 @@ def _layers(
     """Rows per module call for outputs (layers) and grad_outputs (layer_grads), and the
     divergence walk (which needs the reference tensors while they are loaded)."""
     ignored: list[str] = []
-    cand_by_key, wrappers = _match_candidate(cand_calls, name_map, ignored)
+    cand_by_key, wrappers = match_candidate(cand_calls, name_map, ignored)
     forced = any(c.get("forced") for c in cand_calls)
     atol, rtol = _tol(tols, "layers")
     gatol, grtol = _tol(tols, "layer_grads")
