@@ -28,7 +28,8 @@ localrules:
 rule all:
     default_target: True
     input:
-        all_comparisons(),
+        all_comparisons if FINGERPRINT else all_comparisons(),
+        fingerprint_results(),
         "results/summary.tsv",
         "results/summary.md",
         "results/report.html",

@@ -53,12 +53,14 @@ for _fw, _spec in FRAMEWORKS.items():
                     "" if r is None else f"resume_from={step_dir(fw, w.seed, r)}"
                 ),
                 isolation=lambda w, fw=_fw: isolation_overrides(fw, w.seed),
+                capture=config["capture"]["mode"],
             shell:
                 "exec {params.python} {input.script} --config-path config"
                 " --config-name nest_fast-conformer {params.overrides}"
                 " output_dir={params.run_dir} seed={wildcards.seed} save_steps={params.steps}"
                 " threads={params.threads} deterministic={params.deterministic}"
-                " run_key={params.run_key} {params.resume} {params.isolation} > {log} 2>&1"
+                " capture={params.capture} run_key={params.run_key} {params.resume}"
+                " {params.isolation} > {log} 2>&1"
 
 
 # `isolation: {state: reference}`: one job per (seed, step) captures the candidate's step from
@@ -106,3 +108,50 @@ if STATE:
             " output_dir={params.run_dir} seed={wildcards.seed} save_steps={wildcards.step}"
             " threads={params.threads} deterministic={params.deterministic}"
             " run_key={params.run_key} {params.isolation} > {log} 2>&1"
+
+
+# `capture: {mode: fingerprint}`: the step a seed's fingerprint compare localises (rules/compare.smk,
+# compare_fingerprints) is captured again with every tensor, by a run from step 0 of its own.
+if FINGERPRINT:
+    for _fw in (REFERENCE, CANDIDATE):
+        _spec = FRAMEWORKS[_fw]
+
+        rule:
+            name:
+                f"localise_{_fw}"
+            input:
+                script=_spec["script"],
+                code=CAPTURE_LIBRARY + sources(_spec.get("sources", [])),
+                model_config=MODEL_CONFIG,
+                data=list(MANIFESTS.values()),
+                env=env_ready(_spec["env"]),
+                validated=validated(_fw),
+            output:
+                full_files(_fw) if KEEP_CAPTURES else temp(full_files(_fw)),
+            log:
+                f"results/logs/full/{_fw}/seed_{{seed}}/step_{{step}}.log",
+            benchmark:
+                f"results/benchmarks/full/{_fw}/seed_{{seed}}/step_{{step}}.tsv"
+            wildcard_constraints:
+                seed=r"\d+",
+                step=r"\d+",
+            conda:
+                f"../envs/{_spec['env']}.yaml"
+            threads: THREADS
+            resources:
+                gpu=1 if config["device"] == "gpu" else 0,
+                mem_mb=CAPTURE_MEM_MB,
+                runtime=lambda w: capture_runtime(None, [int(w.step)]),
+            params:
+                python=interpreter(_spec["env"]),
+                overrides=capture_overrides(_fw),
+                threads=THREADS,
+                deterministic=str(DETERMINISTIC).lower(),
+                run_dir=lambda w, fw=_fw: f"results/full/{fw}/seed_{w.seed}",
+                run_key=RUN_KEYS[_fw],
+            shell:
+                "exec {params.python} {input.script} --config-path config"
+                " --config-name nest_fast-conformer {params.overrides}"
+                " output_dir={params.run_dir} seed={wildcards.seed} save_steps={wildcards.step}"
+                " threads={params.threads} deterministic={params.deterministic}"
+                " capture=full run_key={params.run_key} > {log} 2>&1"

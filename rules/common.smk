@@ -61,11 +61,25 @@ COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.p
     f"src/nestalign/{name}.py"
     for name in ("__init__", "align", "artifacts", "metrics", "namemap")
 ]
-SUMMARY_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/summary.py"]
+FINGERPRINT_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/fingerprints.py"]
+SUMMARY_LIBRARY = FINGERPRINT_LIBRARY + ["src/nestalign/summary.py"]
 REPORT_LIBRARY = SUMMARY_LIBRARY + [
     f"src/nestalign/report{p}.py" for p in ("", "_rows", "_svg")
 ]
 DATA_LIBRARY = ["src/nestalign/dummy_data.py"]
+
+
+# `capture: {mode: fingerprint}`: the runs keep only each tensor's fingerprint (hash and
+# statistics); a compare of the fingerprints per seed (a checkpoint) picks the step to localise,
+# which both frameworks then capture again in full under results/full/ (rule localise_<fw>).
+FINGERPRINT = config["capture"]["mode"] == "fingerprint"
+FINGERPRINT_FILES = (
+    "metadata.json",
+    "model_structure.json",
+    "tensor_index.json",
+    "config.yaml",
+)
+RUN_FILES = FINGERPRINT_FILES if FINGERPRINT else CAPTURE_FILES
 
 
 def step_dir(framework, seed, step):
@@ -73,7 +87,19 @@ def step_dir(framework, seed, step):
 
 
 def capture_files(framework, seed="{seed}", step="{step}"):
-    return [f"{step_dir(framework, seed, step)}/{name}" for name in CAPTURE_FILES]
+    """A run's files of one step (fingerprints only in fingerprint mode)."""
+    return [f"{step_dir(framework, seed, step)}/{name}" for name in RUN_FILES]
+
+
+def full_dir(framework, seed, step):
+    """Where a step compared in full lies: the run's own capture, or its full recapture."""
+    if FINGERPRINT:
+        return f"results/full/{framework}/seed_{seed}/step_{step}"
+    return step_dir(framework, seed, step)
+
+
+def full_files(framework, seed="{seed}", step="{step}"):
+    return [f"{full_dir(framework, seed, step)}/{name}" for name in CAPTURE_FILES]
 
 
 KEEP_CAPTURES = bool(config.get("keep_captures", True))
@@ -85,12 +111,32 @@ def capture_outputs(framework, steps):
     return files if KEEP_CAPTURES else temp(files)
 
 
-def all_comparisons():
-    return [
-        f"results/compare/seed_{seed}/step_{step}.pkl"
-        for seed in config["seeds"]
-        for step in config["steps"]
-    ]
+def comparison(seed, step):
+    return f"results/compare/seed_{seed}/step_{step}.pkl"
+
+
+def fingerprint_results():
+    """The fingerprint compares, one per seed (fingerprint mode)."""
+    if not FINGERPRINT:
+        return []
+    return [f"results/fingerprints/seed_{seed}.json" for seed in config["seeds"]]
+
+
+def all_comparisons(wildcards=None):
+    """Every step's comparison; in fingerprint mode, each seed's localised step's (known once
+    that seed's fingerprint compare has run)."""
+    if not FINGERPRINT:
+        return [
+            comparison(seed, step)
+            for seed in config["seeds"]
+            for step in config["steps"]
+        ]
+    out = []
+    for seed in config["seeds"]:
+        done = checkpoints.compare_fingerprints.get(seed=seed).output[0]
+        step = json.loads(Path(done).read_text())["localise"]
+        out += [] if step is None else [comparison(seed, step)]
+    return out
 
 
 def sources(folders):
@@ -160,6 +206,7 @@ def run_key(framework):
         "threads": THREADS,
         "deterministic": DETERMINISTIC,
         "device": config["device"],
+        "capture": config["capture"]["mode"],
         "files": _digest(files),
     }
     if framework == CANDIDATE and ISOLATED:  # the reference's captures are its inputs
@@ -206,8 +253,8 @@ def run_plan(framework, seed):
     if done is None:
         return None, steps
     todo = [s for s in steps if s > done[0]]
-    if todo and not done[1].get("resumable"):
-        # its loader could not be resumed: the seed reruns from step 0
+    if todo and (FINGERPRINT or not done[1].get("resumable")):
+        # its loader could not be resumed, or the run kept no state: it reruns from step 0
         return None, steps
     return done[0], todo
 
@@ -234,6 +281,12 @@ def resume_inputs(framework, resume):
 ISOLATION = config.get("isolation") or {}
 ISOLATED = ISOLATION.get("init") == "reference" or bool(ISOLATION.get("forcing"))
 STATE = ISOLATION.get("state") == "reference"
+if FINGERPRINT and (ISOLATED or STATE):
+    raise ValueError(
+        "config: capture.mode fingerprint does not combine with isolation (a fingerprint "
+        "capture holds no tensors to start or force the candidate from): set isolation to "
+        "{init: null, forcing: false, state: null} or capture.mode to full"
+    )
 
 
 def isolation_inputs(framework, steps):

@@ -3,8 +3,8 @@
 
 rule compare:
     input:
-        ref=capture_files(REFERENCE),
-        cand=capture_files(CANDIDATE),
+        ref=full_files(REFERENCE),
+        cand=full_files(CANDIDATE),
         script="scripts/compare.py",
         code=COMPARE_LIBRARY,
         name_map=[config["name_map"]] if config.get("name_map") else [],
@@ -25,8 +25,8 @@ rule compare:
         runtime=COMPARE_RUNTIME,
     params:
         python=interpreter("align"),
-        ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
-        cand=lambda w: step_dir(CANDIDATE, w.seed, w.step),
+        ref=lambda w: full_dir(REFERENCE, w.seed, w.step),
+        cand=lambda w: full_dir(CANDIDATE, w.seed, w.step),
         tolerance=tolerance_option(),
         name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     shell:
@@ -62,9 +62,54 @@ if STATE:
             ),
 
 
+# `capture: {mode: fingerprint}`: one process per seed compares every step's fingerprints and
+# names the step to capture again in full (a checkpoint: the DAG grows by that step's jobs).
+if FINGERPRINT:
+
+    checkpoint compare_fingerprints:
+        input:
+            ref=lambda w: [
+                p for s in STEPS for p in capture_files(REFERENCE, w.seed, s)
+            ],
+            cand=lambda w: [
+                p for s in STEPS for p in capture_files(CANDIDATE, w.seed, s)
+            ],
+            script="scripts/compare_fingerprints.py",
+            code=FINGERPRINT_LIBRARY,
+            name_map=[config["name_map"]] if config.get("name_map") else [],
+            env=env_ready("align"),
+        output:
+            "results/fingerprints/seed_{seed}.json",
+        log:
+            "results/logs/fingerprints/seed_{seed}.log",
+        benchmark:
+            "results/benchmarks/fingerprints/seed_{seed}.tsv"
+        wildcard_constraints:
+            seed=r"\d+",
+        conda:
+            "../envs/align.yaml"
+        resources:
+            mem_mb=COMPARE_MEM_MB,
+            runtime=COMPARE_RUNTIME,
+        params:
+            python=interpreter("align"),
+            ref=lambda w: f"results/capture/{REFERENCE}/seed_{w.seed}",
+            cand=lambda w: f"results/capture/{CANDIDATE}/seed_{w.seed}",
+            steps=",".join(str(s) for s in STEPS),
+            tolerance=tolerance_option(),
+            name_map=(
+                f"--name-map {config['name_map']}" if config.get("name_map") else ""
+            ),
+        shell:
+            "exec {params.python} {input.script} --ref-run {params.ref}"
+            " --cand-run {params.cand} --steps {params.steps} {params.tolerance}"
+            " {params.name_map} --out {output} > {log} 2>&1"
+
+
 rule summary:
     input:
-        comparisons=all_comparisons(),
+        comparisons=all_comparisons if FINGERPRINT else all_comparisons(),
+        fingerprints=fingerprint_results(),
         own=own_comparisons(),
         script="scripts/summary.py",
         code=SUMMARY_LIBRARY,
@@ -84,14 +129,18 @@ rule summary:
     params:
         python=interpreter("align"),
         own=lambda w, input: " ".join(f"--own {p}" for p in input.own),
+        fingerprints=lambda w, input: " ".join(
+            f"--fingerprints {p}" for p in input.fingerprints
+        ),
     shell:
         "exec {params.python} {input.script} --tsv {output.tsv} --md {output.md}"
-        " {params.own} {input.comparisons} > {log} 2>&1"
+        " {params.own} {params.fingerprints} {input.comparisons} > {log} 2>&1"
 
 
 rule report:
     input:
-        comparisons=all_comparisons(),
+        comparisons=all_comparisons if FINGERPRINT else all_comparisons(),
+        fingerprints=fingerprint_results(),
         own=own_comparisons(),
         script="scripts/report.py",
         code=REPORT_LIBRARY,
@@ -100,11 +149,15 @@ rule report:
         html=report(
             "results/report.html", caption="../report/report.rst", category="Report"
         ),
-        rows=[
-            f"results/report/rows/seed_{seed}_step_{step}.tsv"
-            for seed in config["seeds"]
-            for step in config["steps"]
-        ],
+        rows=(
+            directory("results/report/rows")
+            if FINGERPRINT
+            else [
+                f"results/report/rows/seed_{seed}_step_{step}.tsv"
+                for seed in config["seeds"]
+                for step in config["steps"]
+            ]
+        ),
     log:
         "results/logs/report.log",
     benchmark:
@@ -114,11 +167,16 @@ rule report:
         "../envs/align.yaml"
     params:
         python=interpreter("align"),
-        rows_dir=lambda w, output: Path(output.rows[0]).parent,
+        rows_dir=lambda w, output: (
+            output.rows if FINGERPRINT else Path(output.rows[0]).parent
+        ),
         reference=REFERENCE,
         candidate=CANDIDATE,
         own=lambda w, input: " ".join(f"--own {p}" for p in input.own),
+        fingerprints=lambda w, input: " ".join(
+            f"--fingerprints {p}" for p in input.fingerprints
+        ),
     shell:
         "exec {params.python} {input.script} --out {output.html} --rows-dir {params.rows_dir}"
         " --reference {params.reference:q} --candidate {params.candidate:q}"
-        " {params.own} {input.comparisons} > {log} 2>&1"
+        " {params.own} {params.fingerprints} {input.comparisons} > {log} 2>&1"

@@ -22,16 +22,23 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
         epilog="Exit status 1 when no pickle is found; verdicts never change the status.",
     )
-    parser.add_argument("inputs", nargs="+", help="comparison pickles or directories of them")
+    parser.add_argument("inputs", nargs="*", help="comparison pickles or directories of them")
     summary.add_own_option(parser)
+    summary.add_fingerprints_option(parser)
     parser.add_argument("--tsv", default="results/summary.tsv", help="TSV table to write")
     parser.add_argument("--md", default="results/summary.md", help="Markdown table to write")
     args = parser.parse_args(argv)
     files = summary.collect(args.inputs)
-    if not files:
-        parser.exit(1, f"no comparison pickles in {' '.join(args.inputs)}\n")
+    if not files and not args.fingerprints:
+        parser.exit(1, f"no comparison pickles in {' '.join(args.inputs) or '(no inputs)'}\n")
     own = [summary.load_or_error(f) for f in summary.collect(args.own)]
-    table = summary.rows([summary.load_or_error(f) for f in files], own)
+    try:
+        results = summary.with_fingerprints(
+            [summary.load_or_error(f) for f in files], args.fingerprints
+        )
+    except summary.SummaryError as exc:
+        parser.exit(1, f"{exc}\n")
+    table = summary.rows(results, own)
     md = summary.markdown(table)
     write_atomic(args.tsv, summary.tsv(table).encode())
     write_atomic(args.md, md.encode())

@@ -188,6 +188,47 @@ def test_a_planted_fault_is_named_as_the_first_culprit(workdir, tmp_path):
     assert faulty in (work / "results/summary.md").read_text()
 
 
+def test_fingerprint_mode_localises_the_first_failing_step_in_full(workdir, tmp_path):
+    """capture: {mode: fingerprint} against real NeMo, a fault planted at step 1 only: steps 0-2
+    keep fingerprints only, step 1 alone is captured again in full and compared."""
+    work = tmp_path / "fingerprint"
+    shutil.copytree(workdir, work, symlinks=True)
+    faulty = "encoder.layers.1.feed_forward2.linear1"
+    frameworks = fault_framework(f"fault={faulty}*1.001@1")
+    config = write_config(
+        work / "fp.yaml",
+        steps=[0, 1, 2],
+        candidate="nest_fault",
+        frameworks=frameworks,
+        capture={"mode": "fingerprint"},
+    )
+    proc = snakemake(work, "-j2", "--configfile", str(config))
+    log = proc.stdout + proc.stderr
+    assert "localise_nemo" in log and "localise_nest_fault" in log
+    assert "localise: step 1" in (work / "results/logs/fingerprints/seed_3.log").read_text()
+    with open(work / "results/summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    got = [(r["step"], r["verdict"], r["evidence"]) for r in rows]
+    expected = [("0", "PASS", "fingerprint"), ("1", "FAIL", "full"), ("2", "FAIL", "fingerprint")]
+    assert got == expected
+    assert rows[1]["first_forward"].startswith(faulty), rows[1]["first_forward"]
+    captured = {p.name for p in (work / "results/capture/nest_fault/seed_3/step_2").iterdir()}
+    assert not any(name.endswith(".pt") for name in captured), captured
+    assert sorted(p.name for p in (work / "results/full/nemo/seed_3").iterdir()) == ["step_1"]
+    assert (work / "results/report/rows/seed_3_step_1.tsv").is_file()
+    again = snakemake(work, "-n", "--configfile", str(config))
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_fingerprint_mode_refuses_isolation(workdir, tmp_path):
+    config = write_config(
+        tmp_path / "bad.yaml", capture={"mode": "fingerprint"}, isolation={"init": "reference"}
+    )
+    proc = snakemake(workdir, "-n", "--configfile", str(config), check=False)
+    assert proc.returncode != 0
+    assert "capture.mode fingerprint does not combine with isolation" in proc.stdout + proc.stderr
+
+
 def test_fastconformer_small_matches_exactly(workdir, tmp_path):
     """The medium size (d_model 176, 16 layers) through the workflow: every value equal."""
     work = tmp_path / "small"

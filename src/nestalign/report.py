@@ -193,9 +193,12 @@ def _summary_table(items: list[Entry]) -> str:
     for e in items:
         row = e.row
         meta = f"metadata: {e.result.get('reference')} vs {e.result.get('candidate')}"
+        label = f"seed {_esc(row['seed'])} step {_esc(row['step'])}"
+        linked = row.get("evidence", "full") == "full"  # a fingerprint row has no section
         cells = [
-            f'<td class="text"><a href="#{_esc(e.anchor)}">seed {_esc(row["seed"])} step '
-            f"{_esc(row['step'])}</a></td>",
+            f'<td class="text"><a href="#{_esc(e.anchor)}">{label}</a></td>'
+            if linked
+            else f'<td class="text">{label}</td>',
             f'<td class="text pair" title="{_esc(meta)}">{_esc(e.pair[0])} vs '
             f"{_esc(e.pair[1])}</td>",
         ]
@@ -588,14 +591,15 @@ def build(
         _summary_table(items),
     ]
     pairs: dict[tuple[str, str], list[Entry]] = {}
-    for e in items:
+    full = [e for e in items if e.result.get("evidence", "full") == "full"]  # not fingerprints
+    for e in full:
         pairs.setdefault(e.pair, []).append(e)
     parts.append("<h2>Loss and drift over steps</h2>")
     for pair, group in pairs.items():
         parts.append(_pair_charts(pair, sorted(group, key=lambda e: summary._key(e.result))))
     parts.append("<h2>Steps</h2>")
     tables = {}
-    for e in items:
+    for e in full:
         section, tables[e.anchor] = _step_section(e, rows_href)
         parts.append(section)
     parts.append("</body></html>")

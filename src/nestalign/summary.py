@@ -17,7 +17,8 @@ from typing import Any
 from nestalign.compare import CATEGORIES, FORMAT
 from nestalign.compare.verdict import failing_items
 
-VERDICTS = {"pass": "PASS", "fail": "FAIL", "nonfinite": "NONFINITE"}  # anything else: ERROR
+VERDICTS = {"pass": "PASS", "fail": "FAIL", "nonfinite": "NONFINITE", "close": "CLOSE"}
+# anything else: ERROR. CLOSE only comes from fingerprints (nestalign.fingerprints).
 FAILING_LISTED = 3
 
 DRIFT_CATEGORIES = ("loss", "grads", "weights")
@@ -133,14 +134,20 @@ def rows(
             if len(entries) > FAILING_LISTED
             else ""
         )
+        row["evidence"] = r.get("evidence", "full")
         row["errors"] = [f"[{e['category']}] {e['error']}" for e in r.get("errors", [])]
-        previous[pair] = row
+        if row["evidence"] == "full":  # drift compares full comparisons only
+            previous[pair] = row
         out.append(row)
     return out
 
 
 def _failing(result: dict[str, Any]) -> str:
     """The first failing items as ``cat:name (reason)``, and how many more."""
+    if result.get("evidence") == "fingerprint":
+        failing = result["failing_fingerprints"]
+        more = max(result.get("failed", 0), len(failing)) - FAILING_LISTED
+        return "; ".join(failing[:FAILING_LISTED]) + (f"; ... and {more} more" if more > 0 else "")
     failing = failing_items(result) if result["categories"] else []
     listed = "; ".join(f"{c}:{n} ({why})" for c, n, why in failing[:FAILING_LISTED])
     more = len(failing) - FAILING_LISTED
@@ -179,6 +186,7 @@ MD_COLUMNS = (
     ("seed", "seed"),
     ("step", "step"),
     ("verdict", "verdict"),
+    ("evidence", "evidence"),
     ("notes", "notes"),
     ("loss_ref", "loss ref"),
     ("loss_cand", "loss cand"),
@@ -240,7 +248,7 @@ def growth(table: list[dict[str, Any]]) -> list[str]:
     figure: config/sweeps/drift.yaml)."""
     runs: dict[tuple, list[dict[str, Any]]] = {}
     for row in table:
-        if isinstance(row["step"], int):
+        if isinstance(row["step"], int) and row.get("evidence", "full") == "full":
             runs.setdefault((row["reference"], row["candidate"], row["seed"]), []).append(row)
     lines = []
     for (ref, cand, seed), steps in runs.items():
@@ -272,6 +280,34 @@ def add_own_option(parser: argparse.ArgumentParser) -> None:
         help="a state-isolated comparison (isolation: {state: reference}) of one of the steps: "
         "its error shows as the step's own error (repeatable)",
     )
+
+
+def add_fingerprints_option(parser: argparse.ArgumentParser) -> None:
+    """``--fingerprints JSON`` (repeatable), for scripts/summary.py and scripts/report.py."""
+    parser.add_argument(
+        "--fingerprints",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a seed's fingerprint compare (scripts/compare_fingerprints.py): a row per step "
+        "that no comparison pickle covers (repeatable)",
+    )
+
+
+def with_fingerprints(results: list[dict[str, Any]], paths: list[str]) -> list[dict[str, Any]]:
+    """``results`` and, for each step of the fingerprint compares in ``paths`` that none of
+    them covers, that step's fingerprint verdict (evidence "fingerprint")."""
+    from nestalign.fingerprints import FingerprintError, as_results, load_run
+
+    covered = {_key(r) for r in results}
+    out = list(results)
+    for path in paths:
+        try:
+            steps = as_results(load_run(path), FORMAT)
+        except FingerprintError as exc:
+            raise SummaryError(str(exc)) from None
+        out += [r for r in steps if _key(r) not in covered]
+    return out
 
 
 def load_or_error(path: str | os.PathLike) -> dict[str, Any]:
