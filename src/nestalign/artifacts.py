@@ -126,9 +126,11 @@ def _first_line(exc: BaseException) -> str:
     return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def save_json(path: str | os.PathLike, obj: Any) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+def save_json(path: str | os.PathLike, obj: Any, compact: bool = False) -> None:
+    """JSON through a temporary file; ``compact``: one line, written by json's C encoder (an
+    indented dump goes through its Python encoder, seconds for a large index)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def load_tensors(path: str | os.PathLike, mmap: bool = False) -> Any:
@@ -362,7 +364,7 @@ class StepWriter:
         else:
             stamps = {name: file_stamp(self.stage / name) for name in self.index}
             index = {"format": 1, "files": self.index, "stamps": stamps}
-        save_json(self.stage / INDEX, index)
+        save_json(self.stage / INDEX, index, compact=True)
         self.stage.chmod(0o755)
         for file in self.stage.iterdir():
             file.chmod(0o644)
