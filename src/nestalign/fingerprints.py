@@ -41,6 +41,13 @@ SCALED = ("grads", "layer_grads", "optimizer")  # categories whose atol scales w
 EXACT = ("rng",)
 NOISY = ("grads", "weights", "optimizer")  # where a noise-level gradient's parameter is not failed
 _DEFAULTS = {str(k).removeprefix("torch."): v for k, v in DEFAULT_TOLERANCES.items()}
+STATUSES = ("identical", "close", "fail", "unchecked")
+
+
+def _with_defaults(dtype: str, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """(atol, rtol), each None replaced by ``dtype``'s assert_close default (metrics)."""
+    default_rtol, default_atol = _DEFAULTS.get(dtype, (0.0, 0.0))
+    return (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
 
 
 class FingerprintError(RuntimeError):
@@ -121,9 +128,7 @@ def judge(
     a, b = r.get("stats"), c.get("stats")
     if a is None or b is None:
         return "unchecked", "no statistics (NaN/Inf, complex or empty)"
-    default_atol, default_rtol = _DEFAULTS.get(r["dtype"], (0.0, 0.0))[::-1]
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
+    atol, rtol = _with_defaults(r["dtype"], atol, rtol)
     if scaled:
         atol = scaled_atol(atol, r.get("scale"))
     scale = r.get("scale") or 0.0
@@ -185,9 +190,7 @@ class _Step:
         self.noisy: set[str] = set()
 
     def pair(self, cat: str, name: str, r: Any, c: Any) -> str:
-        counts = self.counts.setdefault(
-            cat, dict.fromkeys(("identical", "close", "fail", "unchecked"), 0)
-        )
+        counts = self.counts.setdefault(cat, dict.fromkeys(STATUSES, 0))
         if not (_is_fp(r) or _is_fp(c)):
             if r == c:  # no tensor on either side (a gradient that flowed nowhere)
                 return "identical"
@@ -207,6 +210,11 @@ class _Step:
                 self.failing.append(f"[{cat}] {name}: {reason}")
         return status
 
+    def leaves(self, cat: str, label: str, ref: Any, cand: Any) -> None:
+        """The tensors of two containers, paired in order (generator states)."""
+        for i, (a, b) in enumerate(zip(_leaves(ref), _leaves(cand), strict=False)):
+            self.pair(cat, f"{label}[{i}]", a, b)
+
     def named(self, cat: str, ref: dict, cand: dict, nmap: NameMap) -> None:
         """Tensors keyed by state_dict name (candidate names through the name map)."""
         mapped = _mapped(cand, nmap)
@@ -215,7 +223,7 @@ class _Step:
                 self.pair(cat, name, r, mapped.get(name))
 
     def summary(self) -> dict[str, int]:
-        total = dict.fromkeys(("identical", "close", "fail", "unchecked"), 0)
+        total = dict.fromkeys(STATUSES, 0)
         for counts in self.counts.values():
             for k, v in counts.items():
                 total[k] += v
@@ -284,8 +292,7 @@ def compare_step(
     _training(s, rf.get(art.TRAINING_STATE) or {}, cf.get(art.TRAINING_STATE) or {}, nmap)
     rng_r, rng_c = rf.get(art.INITIAL_RNG) or {}, cf.get(art.INITIAL_RNG) or {}
     for key, value in rng_r.items():
-        for i, (a, b) in enumerate(zip(_leaves(value), _leaves(rng_c.get(key)), strict=False)):
-            s.pair("rng", f"initial {key}[{i}]", a, b)
+        s.leaves("rng", f"initial {key}", value, rng_c.get(key))
     loss_fails = _loss_fails(out["losses"], tols)
     totals = s.summary()
     if loss_fails:
@@ -312,9 +319,7 @@ def _loss_fails(losses: dict[str, Any], tols: dict[str, Any]) -> str:
     a, b = losses["reference"], losses["candidate"]
     if not isinstance(a, float) or not isinstance(b, float):
         return "" if a == b else f"{a} vs {b}"
-    atol, rtol = _tol(tols, "loss")
-    atol = 1e-5 if atol is None else atol
-    rtol = 1.3e-6 if rtol is None else rtol
+    atol, rtol = _with_defaults("float32", *_tol(tols, "loss"))  # the metadata's float32 loss
     return "" if abs(a - b) <= atol + rtol * abs(a) else f"{a!r} vs {b!r}"
 
 
@@ -365,9 +370,7 @@ def _training(s: _Step, ref: dict, cand: dict, nmap: NameMap) -> None:
     if ref.get("lr_applied") != cand.get("lr_applied"):
         s.pair("optimizer", "lr_applied", ref.get("lr_applied"), cand.get("lr_applied"))
     for key in ("rng_before", "rng_after"):
-        pairs = zip(_leaves(ref.get(key)), _leaves(cand.get(key)), strict=False)
-        for i, (a, b) in enumerate(pairs):
-            s.pair("rng", f"{key}[{i}]", a, b)
+        s.leaves("rng", key, ref.get(key), cand.get(key))
 
 
 def compare_run(
