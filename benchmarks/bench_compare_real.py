@@ -1,4 +1,4 @@
-"""The compare on real captures, with and without tensor fingerprints, side by side.
+"""The compare on real captures, in this format and the older ones, side by side.
 
     python benchmarks/bench_compare_real.py [--size tiny full] [--dir DIR] [--threads 1]
 
@@ -12,9 +12,11 @@ differences) and seed 43 (every value differs). Three compares against NeMo's ca
   rounding);
 - every value differs: nest with seed 43.
 
-Each runs in a fresh process twice: on the captures as written (their tensor_index.json lets the
-compare skip tensors whose fingerprints agree) and on hard-linked copies without the index (as a
-capture made before the index: every tensor read). A line gives the tensor bytes of both
+Each runs in a fresh process three times (FORMATS): on the captures as written (their
+tensor_index.json lets the compare skip tensors whose fingerprints agree and map the rest through
+nestalign.flat), on hard-linked copies whose index lacks the flat reader's spans (the rest read by
+torch.load, as the format before), and on copies without the index (as a capture made before the
+index: every tensor read). A line gives the tensor bytes of both
 sides, the time of compare_steps in the process and its throughput, the whole process
 (interpreter and imports included), and the peak RSS over the process's RSS after its imports
 against the largest artifact. Then the fingerprints' cost at capture time
@@ -55,6 +57,10 @@ CAPTURES = {
     "nest_1_thread": ("nest", 42, 1),
     "nest_seed_43": ("nest", 43, 2),
 }
+# flat: this capture format (tensor_index.json with spans: mapped, never unpickled); torch.load:
+# the same index without spans (fingerprints skip identical tensors, the rest is unpickled);
+# without index: every tensor unpickled and compared
+FORMATS = ("flat", "torch.load", "without index")
 CASES = (
     ("identical", "nest"),
     ("fp noise", "nest_1_thread"),
@@ -82,14 +88,18 @@ def capture(size: str, name: str, data: Path, out: Path) -> Path:
     return step
 
 
-def without_index(step: Path, root: Path) -> Path:
-    """A hard-linked copy of a step directory without tensor_index.json (as before the index)."""
-    copy = root / step.parent.name / step.name
+def older(step: Path, root: Path, fmt: str) -> Path:
+    """A hard-linked copy of a step directory as an older capture has it: ``torch.load`` (an
+    index without the flat reader's spans and skeletons) or ``without index`` (no index)."""
+    copy = root / fmt.replace(" ", "_").replace(".", "_") / step.parent.name / step.name
     if not copy.exists():
         copy.mkdir(parents=True)
         for f in step.iterdir():
             if f.name != art.INDEX:
                 os.link(f, copy / f.name)
+        if fmt == "torch.load":
+            index = art.load_json(step / art.INDEX)
+            art.save_json(copy / art.INDEX, {k: index[k] for k in ("format", "files", "stamps")})
     return copy
 
 
@@ -143,20 +153,16 @@ def main() -> int:
         for size in args.size:
             print(f"{size}:", flush=True)
             steps = {n: capture(size, n, data, root / size / n) for n in CAPTURES}
-            old = root / size / "without_index"
             for label, name in CASES:
                 figures = {}
-                for fmt, (ref, cand) in (
-                    ("fingerprints", (steps["nemo"], steps[name])),
-                    (
-                        "without index",
-                        (without_index(steps["nemo"], old), without_index(steps[name], old)),
-                    ),
-                ):
+                for fmt in FORMATS:
+                    ref, cand = steps["nemo"], steps[name]
+                    if fmt != "flat":
+                        ref, cand = older(ref, root / size, fmt), older(cand, root / size, fmt)
                     total, largest = tensor_bytes(ref, cand)
                     r = run_compare(ref, cand, args.threads)
                     figures[fmt] = r
-                    over = r["peak"] - r["base"]
+                    over = r["over"] = r["peak"] - r["base"]
                     print(
                         f"  {label}, {fmt}: {total / 1e9:.3f} GB; compare_steps {r['seconds']:.2f}"
                         f" s = {total / r['seconds'] / 1e9:.2f} GB/s; process {r['process']:.2f}"
@@ -165,12 +171,15 @@ def main() -> int:
                         f"artifact ({largest / 1e6:.0f} MB)",
                         flush=True,
                     )
-                new, prev = figures["fingerprints"], figures["without index"]
-                print(
-                    f"  {label}: fingerprints {prev['seconds'] / new['seconds']:.2f}x faster in "
-                    f"compare_steps, {prev['process'] / new['process']:.2f}x as a process",
-                    flush=True,
-                )
+                new = figures["flat"]
+                for fmt in FORMATS[1:]:
+                    prev = figures[fmt]
+                    print(
+                        f"  {label}: flat against {fmt}: {prev['seconds'] / new['seconds']:.2f}x"
+                        f" faster in compare_steps, {prev['process'] / new['process']:.2f}x as a"
+                        f" process, peak {new['over'] / prev['over']:.2f}x",
+                        flush=True,
+                    )
             size_bytes, _ = tensor_bytes(steps["nest"])
             index = (steps["nest"] / art.INDEX).stat().st_size
             print(

@@ -49,6 +49,7 @@ CAPTURE_LIBRARY = [
         "artifacts",
         "callback",
         "capture",
+        "flat",
         "forcing",
         "manifests",
         "namemap",
@@ -59,7 +60,7 @@ CAPTURE_LIBRARY = [
 ]
 COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.py")) + [
     f"src/nestalign/{name}.py"
-    for name in ("__init__", "align", "artifacts", "metrics", "namemap")
+    for name in ("__init__", "align", "artifacts", "flat", "metrics", "namemap")
 ]
 FINGERPRINT_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/fingerprints.py"]
 SUMMARY_LIBRARY = FINGERPRINT_LIBRARY + ["src/nestalign/summary.py"]
@@ -113,6 +114,36 @@ def capture_outputs(framework, steps):
 
 def comparison(seed, step):
     return f"results/compare/seed_{seed}/step_{step}.pkl"
+
+
+# The compare: one job per seed, every step in one process (torch imported once); in fingerprint
+# mode one per localised step. COMPARE_JOB names its log and benchmark files.
+COMPARE_JOB = "seed_{seed}/step_{step}" if FINGERPRINT else "seed_{seed}"
+
+
+def compared_steps(wildcards):
+    return [int(wildcards.step)] if FINGERPRINT else STEPS
+
+
+def compare_outputs(folder):
+    """The job's comparisons (``folder``/seed_S/step_N.pkl), wildcards left in."""
+    steps = ["{step}"] if FINGERPRINT else STEPS
+    return [f"{folder}/seed_{{seed}}/step_{step}.pkl" for step in steps]
+
+
+def compared_files(framework, where=None):
+    """An input function: the step files the job compares, from ``where(seed, step)`` (each
+    step's directory; default: full_dir of ``framework``)."""
+    where = where or functools.partial(full_dir, framework)
+    return lambda w: [
+        f"{where(w.seed, step)}/{name}" for step in compared_steps(w) for name in CAPTURE_FILES
+    ]
+
+
+def compared_run(framework, where=None):
+    """A params function: the run directory that holds the job's step_N directories."""
+    where = where or functools.partial(full_dir, framework)
+    return lambda w: str(Path(where(w.seed, compared_steps(w)[0])).parent)
 
 
 def fingerprint_results():
@@ -429,7 +460,7 @@ def capture_runtime(resume, steps):
     return _round_up(10 + MPARAMS * trained / 20, 5)
 
 
-COMPARE_RUNTIME = _round_up(5 + MPARAMS / 20, 5)
+COMPARE_RUNTIME = _round_up(5 + MPARAMS * (1 if FINGERPRINT else len(STEPS)) / 20, 5)
 
 
 def build_venv(input, params, log):

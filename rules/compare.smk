@@ -1,20 +1,20 @@
-# Fan-in: one comparison per (seed, step), then the summary table and the report.
+# Fan-in: the comparisons (a job per seed, a pickle per step), then the summary and the report.
 
 
 rule compare:
     input:
-        ref=full_files(REFERENCE),
-        cand=full_files(CANDIDATE),
+        ref=compared_files(REFERENCE),
+        cand=compared_files(CANDIDATE),
         script="scripts/compare.py",
         code=COMPARE_LIBRARY,
         name_map=[config["name_map"]] if config.get("name_map") else [],
         env=env_ready("align"),
     output:
-        "results/compare/seed_{seed}/step_{step}.pkl",
+        compare_outputs("results/compare"),
     log:
-        "results/logs/compare/seed_{seed}/step_{step}.log",
+        f"results/logs/compare/{COMPARE_JOB}.log",
     benchmark:
-        "results/benchmarks/compare/seed_{seed}/step_{step}.tsv"
+        f"results/benchmarks/compare/{COMPARE_JOB}.tsv"
     wildcard_constraints:
         seed=r"\d+",
         step=r"\d+",
@@ -25,13 +25,16 @@ rule compare:
         runtime=COMPARE_RUNTIME,
     params:
         python=interpreter("align"),
-        ref=lambda w: full_dir(REFERENCE, w.seed, w.step),
-        cand=lambda w: full_dir(CANDIDATE, w.seed, w.step),
+        ref=compared_run(REFERENCE),
+        cand=compared_run(CANDIDATE),
+        steps=lambda w: ",".join(str(s) for s in compared_steps(w)),
+        out_dir=lambda w: f"results/compare/seed_{w.seed}",
         tolerance=tolerance_option(),
         name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     shell:
-        "exec {params.python} {input.script} --ref {params.ref} --cand {params.cand}"
-        " {params.tolerance} {params.name_map} --out {output} > {log} 2>&1"
+        "exec {params.python} {input.script} --ref-run {params.ref} --cand-run {params.cand}"
+        " --steps {params.steps} {params.tolerance} {params.name_map}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 # `isolation: {state: reference}`: each step's own error, the candidate's step started from the
@@ -40,22 +43,24 @@ if STATE:
 
     use rule compare as compare_state with:
         input:
-            ref=capture_files(REFERENCE),
-            cand=state_files(),
+            ref=compared_files(REFERENCE, functools.partial(step_dir, REFERENCE)),
+            cand=compared_files(CANDIDATE, state_dir),
             script="scripts/compare.py",
             code=COMPARE_LIBRARY,
             name_map=[config["name_map"]] if config.get("name_map") else [],
             env=env_ready("align"),
         output:
-            "results/compare/state/seed_{seed}/step_{step}.pkl",
+            compare_outputs("results/compare/state"),
         log:
-            "results/logs/compare/state/seed_{seed}/step_{step}.log",
+            f"results/logs/compare/state/{COMPARE_JOB}.log",
         benchmark:
-            "results/benchmarks/compare/state/seed_{seed}/step_{step}.tsv"
+            f"results/benchmarks/compare/state/{COMPARE_JOB}.tsv"
         params:
             python=interpreter("align"),
-            ref=lambda w: step_dir(REFERENCE, w.seed, w.step),
-            cand=lambda w: state_dir(w.seed, w.step),
+            ref=compared_run(REFERENCE, functools.partial(step_dir, REFERENCE)),
+            cand=compared_run(CANDIDATE, state_dir),
+            steps=lambda w: ",".join(str(s) for s in compared_steps(w)),
+            out_dir=lambda w: f"results/compare/state/seed_{w.seed}",
             tolerance=tolerance_option(),
             name_map=(
                 f"--name-map {config['name_map']}" if config.get("name_map") else ""

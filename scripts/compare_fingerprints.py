@@ -17,8 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nestalign import fingerprints  # noqa: E402
-from nestalign.compare import load_tolerances, write_atomic  # noqa: E402
-from nestalign.namemap import NameMap  # noqa: E402
+from nestalign.compare import (  # noqa: E402
+    add_tolerance_options,
+    parse_steps,
+    tolerance_settings,
+    write_atomic,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,19 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-run", required=True, help="reference run dir (holds step_N/)")
     parser.add_argument("--cand-run", required=True, help="candidate run dir (holds step_N/)")
     parser.add_argument("--steps", required=True, help="steps to compare, e.g. 0,1,2")
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance")
-    parser.add_argument("--tolerances", help="YAML file or inline mapping (as compare.py)")
-    parser.add_argument("--name-map", help="YAML: candidate -> reference name rules")
+    add_tolerance_options(parser)
     parser.add_argument("--out", required=True, help="JSON result to write")
     parser.add_argument("--strict", action="store_true", help="exit 1 unless every step passes")
     args = parser.parse_args(argv)
-    try:
-        steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
-        tols = load_tolerances(args.tolerances, args.atol, args.rtol)
-        name_map = NameMap.load(args.name_map) if args.name_map else None
-    except ValueError as exc:  # ToleranceError and NameMapError too
-        parser.error(f"--steps/--tolerances/--name-map: {exc}")
+    steps = parse_steps(parser, args.steps)
+    tols, name_map = tolerance_settings(parser, args)
     run = fingerprints.compare_run(args.ref_run, args.cand_run, steps, tols, name_map)
     write_atomic(args.out, (json.dumps(run, indent=1) + "\n").encode())
     print("\n".join(fingerprints.run_lines(run)))

@@ -8,6 +8,7 @@ import yaml
 
 from conftest import ROOT, run_python
 from nestalign import artifacts as art
+from nestalign.compare.reader import StepSource
 from nestalign.dummy_data import make_data
 from nestalign.summary import load_result
 
@@ -81,3 +82,15 @@ def test_compare_agrees(captures, tmp_path):
     assert other["verdict"] == "error"
     assert "seed 11 vs 12" in other["errors"][0]["error"], other["errors"]
     assert compare(tmp_path, a1, c1, "--force")["verdict"] == "fail"
+
+
+def test_every_artifact_reads_flat_as_torch_load_reads_it(captures):
+    """NeMo's own capture (written in the nemo env) through the flat reader: no torch.load."""
+    from test_flat import same
+
+    step = art.step_dir(captures["a"], 1)
+    spans = art.load_json(step / art.INDEX)["spans"]
+    assert set(spans) == {n for n in art.TENSOR_FILES if (step / n).is_file()}
+    source = StepSource(step)
+    for name in spans:
+        same(source.tensors(name), art.load_tensors(step / name), name)

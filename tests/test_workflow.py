@@ -113,7 +113,7 @@ def test_adding_a_seed_schedules_only_that_seed(workdir):
         "all": 1,
         "capture_nemo": 1,  # one run per framework for the new seed
         "capture_nest": 1,
-        "compare": 2,
+        "compare": 1,  # one process per seed
         "summary": 1,
         "report": 1,
     }
@@ -152,7 +152,7 @@ def test_adding_a_step_resumes_each_run_after_the_last_captured_step(workdir, tm
     changed = write_config(work / "threads.yaml", steps=[0, 1, 2], threads=1)
     counts = job_counts(snakemake(work, "-n", "--configfile", str(changed)).stdout)
     assert counts["capture_nemo"] == counts["capture_nest"] == 1  # from step 0: no "_after_"
-    assert counts["compare"] == 3
+    assert counts["compare"] == 1  # the seed's three steps in one process
 
 
 def test_a_config_typo_is_rejected_with_the_key_named(workdir):
@@ -291,7 +291,7 @@ def test_isolation_forces_nest_with_real_nemo_captures(workdir, tmp_path):
     assert row["divergences"] == f"{faulty}#0 (Linear) (code)", row["divergences"]
     assert (
         "divergence: " + f"{faulty}#0 (Linear) (code)"
-        in (work / "results/logs/compare/seed_3/step_0.log").read_text()
+        in (work / "results/logs/compare/seed_3.log").read_text()
     )
 
 
@@ -352,7 +352,7 @@ def test_a_changed_pin_rebuilds_only_that_env_and_its_captures(workdir, tmp_path
         "venv_nest": 1,
         "validate_nest": 1,
         "capture_nest": 1,
-        "compare": 2,
+        "compare": 1,
         "summary": 1,
         "report": 1,
     }

@@ -13,9 +13,11 @@ Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and t
 loads with ``torch.load(path, weights_only=True)``. ``tensor_index.json`` holds, per ``.pt`` file,
 a fingerprint of each tensor in the order ``walk_tensors`` visits them (dtype, shape, SHA-256 of
 its bytes, largest finite magnitude, NaN and Inf counts): a compare skips the bytes of tensors
-whose fingerprints agree (``attach_index``, compare.reader.StepSource). A fingerprint capture
+whose fingerprints agree (``attach_index``, compare.reader.StepSource). It also holds each
+file's skeleton (``skeleton_of``) and where each tensor's bytes lie in it (nestalign.flat), so a
+compare maps the file instead of unpickling it. A fingerprint capture
 (``StepWriter(fingerprint=True)``) writes no ``.pt`` file: its index adds each tensor's
-``tensor_stats`` and each file's skeleton (``skeleton_of``), read by nestalign.fingerprints.
+``tensor_stats``, read by nestalign.fingerprints.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ TRAINING_STATE = "training_state.pt"
 CONFIG = "config.yaml"  # the run's composed config (captures made through capture_main)
 INDEX = "tensor_index.json"  # per tensor file, each tensor's fingerprint (tensor_fingerprint)
 STATS_CHUNK = 1 << 17  # elements per float64 piece of tensor_stats
-TENSOR_MARK = "__tensor__"  # a tensor's place in a fingerprint capture's skeleton (skeleton_of)
+TENSOR_MARK = "__tensor__"  # a tensor's place in an artifact's skeleton (skeleton_of)
+FLOAT_MARK = "__float__"  # a non-finite float in a skeleton (JSON has none)
 FINGERPRINT = "_nestalign_fingerprint"  # the attribute load_indexed gives each loaded tensor
 
 TENSOR_FILES = (
@@ -256,10 +259,25 @@ def skeleton_of(obj: Any) -> Any:
         if isinstance(x, (list, tuple)):
             return [build(v) for v in x]
         if isinstance(x, float) and not math.isfinite(x):
-            return repr(x)
+            return {FLOAT_MARK: repr(x)}
         return x
 
     return build(obj)
+
+
+def fill_skeleton(skeleton: Any, leaf: Callable[[int], Any]) -> Any:
+    """A skeleton (``skeleton_of``) with each tensor mark replaced by ``leaf(i)`` and each
+    non-finite float restored."""
+    if isinstance(skeleton, dict):
+        if len(skeleton) == 1:
+            if TENSOR_MARK in skeleton:
+                return leaf(skeleton[TENSOR_MARK])
+            if FLOAT_MARK in skeleton:
+                return float(skeleton[FLOAT_MARK])
+        return {k: fill_skeleton(v, leaf) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [fill_skeleton(v, leaf) for v in skeleton]
+    return skeleton
 
 
 def stored_once(obj: Any, entries: list[dict[str, Any]]) -> Any:
@@ -326,6 +344,7 @@ class StepWriter:
                 shutil.rmtree(stale, ignore_errors=True)
         self.stage = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
         self.index: dict[str, list[dict[str, Any]]] = {}
+        self.spans: dict[str, list[list[int]]] = {}  # full mode: flat.layout_of per file
 
     def tensors(self, name: str, obj: Any, once: bool = False) -> None:
         """Write one tensor artifact; ``once``: each value in it stored once (``stored_once``),
@@ -335,16 +354,23 @@ class StepWriter:
             self.index[name] = index_of(obj, stats=True)
             self.skeletons[name] = skeleton_of(obj)
             return
+        from nestalign import flat  # flat reads what this module writes
+
         try:
             if once:  # the fingerprints decide what is stored
                 entries = index_of(obj)
-                save_tensors(self.stage / name, stored_once(obj, entries))
+                obj = stored_once(obj, entries)
+                save_tensors(self.stage / name, obj)
             else:  # hashed while torch.save writes (both release the GIL for large buffers)
                 with ThreadPoolExecutor(1) as pool:
                     pending = pool.submit(index_of, obj)
                     save_tensors(self.stage / name, obj)
                     entries = pending.result()
             self.index[name] = entries
+            spans = flat.layout_of(self.stage / name, obj)
+            if spans is not None:
+                self.spans[name] = spans
+                self.skeletons[name] = skeleton_of(obj)
         except ArtifactError as exc:  # name the file the user will look for, not the staging
             cause = exc.__cause__ or exc
             raise ArtifactError(
@@ -364,6 +390,7 @@ class StepWriter:
         else:
             stamps = {name: file_stamp(self.stage / name) for name in self.index}
             index = {"format": 1, "files": self.index, "stamps": stamps}
+            index |= {"skeletons": self.skeletons, "spans": self.spans}
         save_json(self.stage / INDEX, index, compact=True)
         self.stage.chmod(0o755)
         for file in self.stage.iterdir():

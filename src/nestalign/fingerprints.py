@@ -81,13 +81,7 @@ def load_step(step_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _resolve(skeleton: Any, entries: list[dict[str, Any]]) -> Any:
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {art.TENSOR_MARK}:
-            return {**entries[skeleton[art.TENSOR_MARK]], art.TENSOR_MARK: True}
-        return {k: _resolve(v, entries) for k, v in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [_resolve(v, entries) for v in skeleton]
-    return skeleton
+    return art.fill_skeleton(skeleton, lambda i: {**entries[i], art.TENSOR_MARK: True})
 
 
 def _is_fp(x: Any) -> bool:

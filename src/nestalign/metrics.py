@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nestalign import flat
 from nestalign.artifacts import FINGERPRINT, magnitude
 
 # (rtol, atol) per dtype, as torch.testing.assert_close picks them when none are given.
@@ -257,9 +258,19 @@ def compare_tensors(
     ref: Any, cand: Any, atol: float | None = None, rtol: float | None = None
 ) -> dict[str, Any]:
     """Metrics of one pair (see the module docstring); non-tensors are compared for equality.
-    Two tensors whose capture fingerprints agree (artifacts.attach_index) are not read."""
+    Two tensors whose capture fingerprints agree (artifacts.attach_index) are not read; the pages
+    of mapped tensors (nestalign.flat) are released afterwards."""
     if not isinstance(ref, torch.Tensor) or not isinstance(cand, torch.Tensor):
         return _compare_plain(ref, cand)
+    try:
+        return _compare_pair(ref, cand, atol, rtol)
+    finally:
+        flat.release(ref, cand)
+
+
+def _compare_pair(
+    ref: torch.Tensor, cand: torch.Tensor, atol: float | None, rtol: float | None
+) -> dict[str, Any]:
     if atol is None or rtol is None:
         datol, drtol = default_tolerance(ref.dtype)
         atol = datol if atol is None else atol

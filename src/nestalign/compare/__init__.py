@@ -1,8 +1,8 @@
 """Compare two captured steps (reference and candidate) category by category.
 
 Modules: reader (a step directory), tolerances, rows, categories, layers (module calls),
-divergence (culprits), step (one step), verdict (terminal lines, pickle), legacy (original
-tool's sections).
+divergence (culprits), step (one step), runs (several steps in one process), verdict (terminal
+lines, pickle), legacy (original tool's sections), options (the scripts' shared options).
 
 ``compare_steps(ref_dir, cand_dir, tolerances, name_map=None, allow_pickle=False, force=False)``
 returns a plain dict (builtins only, safe to pickle and to load with a restricted unpickler):
@@ -17,12 +17,14 @@ returns a plain dict (builtins only, safe to pickle and to load with a restricte
     divergences [{where, class, direction, name, module, max_abs, max_rel}]
 
 metadata.json of both sides is cross-checked first (step.METADATA_KEYS); a difference is an
-error unless ``force``. Artifacts are loaded one pair at a time, memory-mapped, with
-``weights_only=True``. A missing or damaged artifact becomes an entry in ``errors`` (verdict
-"error") naming the file.
+error unless ``force``. Artifacts are loaded one pair at a time, memory-mapped: through their
+index (nestalign.flat, nothing unpickled) or else ``torch.load(weights_only=True)``. A missing
+or damaged artifact becomes an entry in ``errors`` (verdict "error") naming the file.
 """
 
 from nestalign.compare.legacy import seed_sections
+from nestalign.compare.options import add_tolerance_options, parse_steps, tolerance_settings
+from nestalign.compare.runs import compare_runs
 from nestalign.compare.step import CATEGORIES, FORMAT, compare_steps
 from nestalign.compare.tolerances import ToleranceError, load_tolerances
 from nestalign.compare.verdict import save_result, verdict_lines, write_atomic
@@ -31,10 +33,14 @@ __all__ = [
     "CATEGORIES",
     "FORMAT",
     "ToleranceError",
+    "add_tolerance_options",
+    "compare_runs",
     "compare_steps",
     "load_tolerances",
+    "parse_steps",
     "save_result",
     "seed_sections",
+    "tolerance_settings",
     "verdict_lines",
     "write_atomic",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from nestalign import artifacts as art
+from nestalign import flat
 
 
 class StepSource:
@@ -21,6 +22,7 @@ class StepSource:
         self.allow_pickle = allow_pickle
         self.use_index = use_index
         self._index: dict[str, Any] | None = None
+        self._index_data: dict[str, Any] = {}  # tensor_index.json as read (skeletons, spans)
         if not self.path.is_dir():
             raise art.ArtifactError(f"{self.path}: not a step directory")
         self.original = (self.path / "layer_outputs.pkl").exists() and not (
@@ -55,13 +57,20 @@ class StepSource:
         path = self.path / name
         if name == art.LAYERS and self.original:
             return _original_layers(self._pickle(self.path / "layer_outputs.pkl"))
+        entries = self.index().get(name)
+        spans = self._index_data.get("spans", {}).get(name) if entries is not None else None
+        skeleton = self._index_data.get("skeletons", {}).get(name)
+        if spans is not None and skeleton is not None:
+            try:
+                return flat.load(path, skeleton, entries, spans)
+            except art.ArtifactError:  # an index that does not describe the file: torch.load
+                pass
         try:
             obj = art.load_tensors(path, mmap=True)
         except art.ArtifactError:
             if not (self.original and self.allow_pickle and path.is_file()):
                 raise
             return self._pickle(path, torch_file=True)
-        entries = self.index().get(name)
         if entries is not None:
             art.attach_index(obj, entries)
         return obj
@@ -72,6 +81,7 @@ class StepSource:
         if self._index is None:
             found = self.use_index and self.has(art.INDEX)
             data = art.load_json(self.path / art.INDEX) if found else {}
+            self._index_data = data if isinstance(data, dict) else {}
             files = data.get("files") if isinstance(data, dict) else None
             stamps = data.get("stamps") if isinstance(data, dict) else None
             self._index = {
