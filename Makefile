@@ -25,9 +25,11 @@ envs: driver
 # Full locks (envs/locks/<env>-$(VARIANT).txt: every package pinned): each env file's pip list
 # resolved afresh into a throw-away venv (never .venvs/, never an existing lock), then frozen.
 # The venv rules build from these locks; delete one to build that env from its env file again.
+# `make locks ENVS=align` renews one env's lock only.
 VARIANT ?= cpu
+ENVS ?= align nemo nest
 locks: driver
-	set -e; for env in align nemo nest; do \
+	set -e; for env in $(ENVS); do \
 		tmp=$$(mktemp -d); \
 		$(DRIVER)/bin/python scripts/build_venv.py envs/$$env.yaml $$tmp/$$env --variant $(VARIANT); \
 		$(DRIVER)/bin/python scripts/build_venv.py --freeze $$tmp/$$env envs/locks/$$env-$(VARIANT).txt \

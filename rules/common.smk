@@ -60,7 +60,15 @@ CAPTURE_LIBRARY = [
 ]
 COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.py")) + [
     f"src/nestalign/{name}.py"
-    for name in ("__init__", "align", "artifacts", "flat", "metrics", "namemap")
+    for name in (
+        "__init__",
+        "align",
+        "artifacts",
+        "flat",
+        "fused",
+        "metrics",
+        "namemap",
+    )
 ]
 FINGERPRINT_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/fingerprints.py"]
 SUMMARY_LIBRARY = FINGERPRINT_LIBRARY + ["src/nestalign/summary.py"]
@@ -136,7 +144,9 @@ def compared_files(framework, where=None):
     step's directory; default: full_dir of ``framework``)."""
     where = where or functools.partial(full_dir, framework)
     return lambda w: [
-        f"{where(w.seed, step)}/{name}" for step in compared_steps(w) for name in CAPTURE_FILES
+        f"{where(w.seed, step)}/{name}"
+        for step in compared_steps(w)
+        for name in CAPTURE_FILES
     ]
 
 
@@ -417,7 +427,8 @@ def env_lock(env):
 
 # Capture numerics: params of the capture jobs, so a change reruns the captures. The configured
 # thread count goes to the script as such: Snakemake scales `threads:` down to --cores (-j1),
-# which must not change what a capture computes.
+# which must not change what a capture computes. The compare takes as many (scaled down freely:
+# its figures do not depend on its thread count).
 THREADS = config["threads"]
 DETERMINISTIC = bool(config.get("deterministic", True))
 

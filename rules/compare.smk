@@ -20,6 +20,7 @@ rule compare:
         step=r"\d+",
     conda:
         "../envs/align.yaml"
+    threads: THREADS
     resources:
         mem_mb=COMPARE_MEM_MB,
         runtime=COMPARE_RUNTIME,
@@ -33,7 +34,7 @@ rule compare:
         name_map=f"--name-map {config['name_map']}" if config.get("name_map") else "",
     shell:
         "exec {params.python} {input.script} --ref-run {params.ref} --cand-run {params.cand}"
-        " --steps {params.steps} {params.tolerance} {params.name_map}"
+        " --steps {params.steps} {params.tolerance} {params.name_map} --threads {threads}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", help="steps to compare in one process, e.g. 0,1,2")
     parser.add_argument("--out-dir", help="where step_N.pkl of each step is written")
     add_tolerance_options(parser)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of torch and of the fused pass (default 1; the figures are the same for any)",
+    )
     parser.add_argument(
         "--force",
         action="store_true",

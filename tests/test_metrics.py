@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from nestalign.metrics import CHUNK, compare_tensors
+from nestalign.fused import BLOCK
+from nestalign.metrics import compare_tensors
 
 
 def test_hand_computed_float64():
@@ -59,12 +60,12 @@ def test_nan_and_inf_never_crash():
     assert not m["ok"] and m["equal_share"] == 0.0
 
 
-def test_chunks_and_non_finite_values_across_them():
-    n = 2 * CHUNK + 5
+def test_blocks_and_non_finite_values_across_them():
+    n = 2 * BLOCK + 5
     ref = torch.linspace(1.0, 2.0, n)
     cand = ref.clone()
     cand[-1] += 0.5
-    ref[CHUNK + 3] = cand[CHUNK + 3] = math.nan
+    ref[BLOCK + 3] = cand[BLOCK + 3] = math.nan
     cand[7] = math.inf
     m = compare_tensors(ref, cand, atol=1e-3, rtol=0.0)
     assert (m["nan_ref"], m["nan_cand"], m["inf_ref"], m["inf_cand"]) == (1, 1, 0, 1)

@@ -1,4 +1,4 @@
-"""Metrics of one reference/candidate tensor pair, computed in cache-sized chunks.
+"""Metrics of one reference/candidate tensor pair, computed in one pass (nestalign.fused).
 
 ``compare_tensors(ref, cand, atol, rtol)`` returns a plain dict:
 
@@ -35,15 +35,6 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.complex128: (1e-7, 1e-7),
 }
 REL_FLOOR = 2.0**-10  # elements below this share of the tensor's scale are measured against it
-CHUNK = 1 << 17  # elements per chunk: both sides and the temporaries stay in the CPU cache
-
-# Bits of the exponent field and mantissa width per float dtype (ULP of the reference value).
-_EXPONENT = {
-    torch.float16: (torch.int16, 0x7C00, 10),
-    torch.bfloat16: (torch.int16, 0x7F80, 7),
-    torch.float32: (torch.int32, 0x7F800000, 23),
-    torch.float64: (torch.int64, 0x7FF0000000000000, 52),
-}
 
 
 def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -79,13 +70,6 @@ def _empty(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _ulp_unit(ref: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """2**exponent of each reference value (smallest normal for zero and subnormals)."""
-    ints, mask, _ = _EXPONENT[ref.dtype]
-    p2 = ref.view(ints).bitwise_and(mask).view(ref.dtype)
-    return p2.to(work).clamp_min_(torch.finfo(ref.dtype).tiny)
-
-
 def scale_of(t: torch.Tensor) -> float:
     """Largest finite magnitude of ``t`` (0 when it has none): from the capture's fingerprint
     when it has one (the tensor is not read), else one pass over it."""
@@ -95,89 +79,41 @@ def scale_of(t: torch.Tensor) -> float:
     return magnitude(t.reshape(-1))[0]
 
 
+# (min_exp, mantissa bits) per float dtype: the ULP at v is 2**(max(E(v), min_exp) - bits).
+_ULP = {
+    torch.float16: (-14, 10),
+    torch.bfloat16: (-126, 7),
+    torch.float32: (-126, 23),
+    torch.float64: (-1022, 52),
+}
+
+
 def _float_pass(ref: torch.Tensor, cand: torch.Tensor, atol: float, rtol: float) -> dict:
-    """Sums and extremes over cache-sized chunks of two same-shape floating tensors (the scale
-    of each side from its fingerprint when it has one: a whole pass fewer)."""
-    a_all = ref.reshape(-1)
-    b_all = cand.reshape(-1)
-    n = a_all.numel()
+    """Sums and extremes of two same-shape floating tensors in one fused pass (nestalign.fused,
+    on torch's thread count; the scale of each side from its fingerprint when it has one)."""
+    from nestalign import fused  # numba: imported once a pair has to be read
+
     work = torch.float64 if torch.float64 in (ref.dtype, cand.dtype) else torch.float32
-    ulp_ok = ref.dtype == cand.dtype and ref.dtype in _EXPONENT
+    a_all = ref.detach().reshape(-1).to(work).contiguous()
+    b_all = cand.detach().reshape(-1).to(work).contiguous()
+    ulp_ok = ref.dtype == cand.dtype and ref.dtype in _ULP
     scale = max(scale_of(ref), scale_of(cand))
     floor = max(REL_FLOOR * scale, torch.finfo(work).tiny)
-    keys = ("sum_abs", "sum_sq", "aa", "bb", "ab", "sum_ulp", "max_abs", "max_rel", "max_ulp")
-    acc: dict[str, Any] = dict.fromkeys(keys, 0.0)
-    acc.update(dict.fromkeys(("neq", "within", "nan_ref", "nan_cand", "inf_ref", "inf_cand"), 0))
-    acc["fin"] = 0
-    for lo in range(0, n, CHUNK):
-        a0 = a_all[lo : lo + CHUNK]
-        b0 = b_all[lo : lo + CHUNK]
-        a = a0.to(work)
-        b = b0.to(work)
-        ad = torch.sub(a, b).abs_()
-        top = float(ad.max())
-        both = None
-        m = ad.numel()
-        if not math.isfinite(top):  # NaN or Inf somewhere in this chunk: mask those places
-            fin_a, fin_b = torch.isfinite(a), torch.isfinite(b)
-            nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-            acc["nan_ref"] += int(nan_a.sum())
-            acc["nan_cand"] += int(nan_b.sum())
-            acc["inf_ref"] += int((~fin_a & ~nan_a).sum())
-            acc["inf_cand"] += int((~fin_b & ~nan_b).sum())
-            both = fin_a & fin_b
-            same = (nan_a & nan_b) | ((a == b) & ~fin_a)
-            acc["within"] += int(same.sum())
-            acc["neq"] += int((~both & ~same).sum())
-            a = torch.where(both, a, 0.0)
-            b = torch.where(both, b, 0.0)
-            ad = torch.where(both, ad, 0.0)
-            m = int(both.sum())
-            top = float(ad.max())
-        acc["fin"] += m
-        if top == 0.0:
-            acc["within"] += m
-            same_norm = float(torch.dot(a, a))
-            for key in ("aa", "bb", "ab"):
-                acc[key] += same_norm
-            continue
-        acc["max_abs"] = max(acc["max_abs"], top)
-        acc["neq"] += int(ad.sign().sum())
-        acc["sum_abs"] += float(ad.sum())
-        aa, bb = float(torch.dot(a, a)), float(torch.dot(b, b))
-        acc["aa"] += aa
-        acc["bb"] += bb
-        dd = float(torch.dot(ad, ad))
-        acc["sum_sq"] += dd
-        acc["ab"] += (aa + bb - dd) / 2  # a.b from |a|, |b| and |a - b|
-        absa = a.abs()
-        if top <= atol:
-            acc["within"] += m
-        else:
-            excess = torch.sub(ad, absa, alpha=rtol)
-            acc["within"] += m - int(torch.count_nonzero(excess > atol))
-        rel = ad / absa.clamp_min_(floor)
-        acc["max_rel"] = max(acc["max_rel"], float(rel.max()))
-        if ulp_ok:
-            ulp = ad / _ulp_unit(a0, work)
-            if both is not None:
-                ulp = torch.where(both, ulp, 0.0)
-            acc["max_ulp"] = max(acc["max_ulp"], float(ulp.max()))
-            total = float(ulp.sum())
-            acc["sum_ulp"] += total if math.isfinite(total) else float(ulp.sum(dtype=torch.float64))
+    ulp = _ULP[ref.dtype] if ulp_ok else _ULP[work]
+    acc: dict[str, Any] = fused.float_pass(
+        a_all.numpy(), b_all.numpy(), atol, rtol, floor, ulp, torch.get_num_threads()
+    )
     if not all(math.isfinite(acc[k]) for k in ("aa", "bb", "ab", "sum_sq")) and acc["fin"]:
-        # float32 dot products overflowed (values beyond ~1e19): redo the norms on scaled values
+        # float64 sums overflowed (float64 values beyond ~1e154): redo the norms on scaled values
         keep = torch.isfinite(a_all) & torch.isfinite(b_all)
         a64 = a_all[keep].double() / scale
         b64 = b_all[keep].double() / scale
         acc["aa"], acc["bb"] = float(a64 @ a64), float(b64 @ b64)
         acc["ab"] = float(a64 @ b64)
         acc["sum_sq"] = float(((a64 - b64) ** 2).sum()) * scale * scale
-    acc.update(n=n, ulp_ok=ulp_ok, scale=scale)
-    if ulp_ok:
-        bits = 2.0 ** _EXPONENT[ref.dtype][2]
-        acc["max_ulp"] *= bits
-        acc["sum_ulp"] *= bits
+    for key in ("neq", "within", "fin", "nan_ref", "nan_cand", "inf_ref", "inf_cand"):
+        acc[key] = int(acc[key])
+    acc.update(n=a_all.numel(), ulp_ok=ulp_ok, scale=scale)
     return acc
 
 
@@ -248,7 +184,7 @@ def _identical(ref: torch.Tensor, fp: dict[str, Any], out: dict[str, Any]) -> di
         inf_ref=0 if exact else int(fp["inf"]),
         inf_cand=0 if exact else int(fp["inf"]),
     )
-    if not exact and ref.dtype in _EXPONENT:
+    if not exact and ref.dtype in _ULP:
         out["max_ulp"] = 0.0
         out["mean_ulp"] = 0.0
     return out
