@@ -174,10 +174,12 @@ class LitNet(pl.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=2)
 
 
-def fit(tmp_path, steps, max_steps=3):
+def fit(tmp_path, steps, max_steps=3, fingerprint=False):
     torch.manual_seed(0)
     model = LitNet()
-    cb = CaptureCallback(str(tmp_path), steps, metadata={"framework": "toy"})
+    cb = CaptureCallback(
+        str(tmp_path), steps, metadata={"framework": "toy"}, fingerprint=fingerprint
+    )
     trainer = pl.Trainer(
         max_steps=max_steps,
         logger=False,
@@ -207,6 +209,26 @@ def test_callback_writes_requested_steps_only(tmp_path):
     assert batch["x"].shape == (2, 4)
     calls = art.load_tensors(step / art.LAYERS)
     assert calls[0]["name"] == ROOT and calls[0]["grad_outputs"][0] is not None
+
+
+@pytest.mark.parametrize("fingerprint", [False, True])
+def test_the_initial_state_is_written_once_per_run(tmp_path, fingerprint):
+    """Later steps hard-link the first step's initial_weights.pt and initial_rng.pt and reuse
+    their index entries; the files are those a run that writes only that step has."""
+    fit_with = lambda out, steps: fit(out, steps, fingerprint=fingerprint)  # noqa: E731
+    fit_with(tmp_path / "all", [0, 1, 2])
+    fit_with(tmp_path / "last", [2])
+    first, *later = (tmp_path / "all" / f"step_{s}" for s in (0, 1, 2))
+    alone = tmp_path / "last" / "step_2"
+    for name in (art.INITIAL_WEIGHTS, art.INITIAL_RNG):
+        files = [art.load_json(d / art.INDEX)["files"][name] for d in (first, *later, alone)]
+        assert all(f == files[0] for f in files) and files[0]
+        if fingerprint:
+            assert not (first / name).exists()
+            continue
+        assert all((d / name).stat().st_ino == (first / name).stat().st_ino for d in later)
+        assert (first / name).read_bytes() == (alone / name).read_bytes()
+        assert (alone / name).stat().st_ino != (first / name).stat().st_ino
 
 
 def test_weights_are_taken_after_the_optimizer_step(tmp_path):

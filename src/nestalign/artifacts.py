@@ -96,6 +96,17 @@ def to_plain(obj: Any, copy: Callable[[torch.Tensor], torch.Tensor] | None = Non
     return repr(obj)
 
 
+def uncopied(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself (detached) when it is a CPU tensor that owns all of its storage, else a
+    compact CPU copy: for ``to_plain`` of state written before anything can change it (the
+    weights, saved as soon as the step ends)."""
+    t = t.detach()
+    whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    if t.device.type == "cpu" and whole and t.storage_offset() == 0 and t.is_contiguous():
+        return t
+    return t.to("cpu", copy=True).contiguous()
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -112,12 +123,19 @@ def save_tensors(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` through a temporary file and a rename.
 
     torch names the archive inside the file after the file name when given a path; saving into
-    an open file object names it "archive", so identical content gives identical bytes.
+    an open file object names it "archive", so identical content gives identical bytes. The zip
+    records carry no CRC-32 (torch.load never checks it; tensor_index.json holds each tensor's
+    SHA-256): computing it took about half of the writing time of a step's module calls.
     """
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(obj, fh)
+        finally:
+            torch.serialization.set_crc32_options(crc)
 
     try:
         _atomic(Path(path), write)
@@ -376,6 +394,21 @@ class StepWriter:
             raise ArtifactError(
                 f"{self.final / name}: cannot be written ({_first_line(cause)})"
             ) from cause
+
+    def reuse(self, name: str, other: StepWriter) -> None:
+        """The file ``name`` as ``other``, a committed step of the same run, wrote it (the run's
+        initial state, the same in every step): a hard link to that file and its index entries,
+        neither written nor hashed again; copied where the filesystem cannot link."""
+        self.index[name] = other.index[name]
+        for own, theirs in ((self.skeletons, other.skeletons), (self.spans, other.spans)):
+            if name in theirs:
+                own[name] = theirs[name]
+        if self.fingerprint:
+            return
+        try:
+            os.link(other.final / name, self.stage / name)
+        except OSError:
+            shutil.copy2(other.final / name, self.stage / name)
 
     def json(self, name: str, obj: Any) -> None:
         save_json(self.stage / name, obj)

@@ -94,6 +94,7 @@ class CaptureCallback(pl.Callback):
         self._parts: dict[str, Any] = {}
         self._sampler: list[ResumableBatchSampler] = []
         self._pending: tuple[art.StepWriter, dict[str, Any]] | None = None
+        self._initial_writer: art.StepWriter | None = None  # the first step this process wrote
         self._optimizer_steps = 0
         self.written: list[str] = []
 
@@ -200,11 +201,15 @@ class CaptureCallback(pl.Callback):
                 writer.text(art.CONFIG, self.config_yaml)
             writer.tensors(art.LOSS, loss)
             writer.tensors(art.GRADS, parts.get("grads", {}))
-            writer.tensors(art.WEIGHTS, art.to_plain(pl_module.state_dict()))
+            writer.tensors(art.WEIGHTS, art.to_plain(pl_module.state_dict(), art.uncopied))
             writer.tensors(art.LAYERS, recorder.calls, once=True)
-            initial = self._initial or {"weights": {}, "rng": {}}
-            writer.tensors(art.INITIAL_WEIGHTS, initial["weights"])
-            writer.tensors(art.INITIAL_RNG, initial["rng"])
+            if self._initial_writer is None:
+                initial = self._initial or {"weights": {}, "rng": {}}
+                writer.tensors(art.INITIAL_WEIGHTS, initial["weights"])
+                writer.tensors(art.INITIAL_RNG, initial["rng"])
+            else:  # the run's first written step holds them: linked, not written again
+                writer.reuse(art.INITIAL_WEIGHTS, self._initial_writer)
+                writer.reuse(art.INITIAL_RNG, self._initial_writer)
         except BaseException:
             writer.abort()
             raise
@@ -223,6 +228,7 @@ class CaptureCallback(pl.Callback):
         try:
             writer.tensors(art.TRAINING_STATE, {**state, "rng_after": rng_states()})
             self.written.append(str(writer.commit()))
+            self._initial_writer = self._initial_writer or writer
         except BaseException:
             writer.abort()
             raise
