@@ -1,26 +1,31 @@
 """What capturing a step costs over training it, and the disk per step, for this checkout and
 optionally another one (an earlier version) side by side in one run.
 
-    python benchmarks/bench_capture.py [--size tiny small] [--steps 6] [--runs 3]
+    python benchmarks/bench_capture.py [--size tiny small] [--captured 3] [--runs 2]
         [--modes full fingerprint] [--baseline DIR]
 
 For each size (tiny: config/config.yaml's model; small: config/sweeps/small.yaml) and each
-checkout, three nest captures of seed 42 (the nest env, one process each, median of --runs):
-steps 0..N-1 all captured (A), the same N steps with only the last captured (B), and step 0 alone
-(C). A - C is N-1 captured steps, B - C is N-1 plain ones: the line gives both per step and
-their ratio, the capture overhead. ``--baseline`` runs another checkout's capture script (its
-own library) on the same data, e.g. a ``git worktree`` of an earlier commit (in full mode);
-``--modes`` measures this checkout's capture modes side by side (capture=full|fingerprint).
+checkout, nest captures of seed 42 (the nest env, one torch thread, one process per run:
+benchmarks/timed_capture.py) time every training step in the process, from one batch's start to
+the next (the last one to the end of training, which commits it). A run trains step 0 (warm-up,
+left out), P = 3 plain steps (nothing being written: the plain step's time), K = --captured
+steps each followed by a plain one, then K captured steps in a row. The files are written on a
+background thread while training goes on, so a captured step's cost is what the pair adds over
+two plain steps ("alternating"), and in a row a step's whole time ("in a row"); each against the
+plain step gives the capture overhead. Medians over all runs; the disk per captured step counts
+distinct files (a hard link once). ``--baseline`` runs another checkout's library on the same
+data, e.g. a ``git worktree`` of an earlier commit (in full mode); ``--modes`` measures this
+checkout's capture modes side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,32 +37,48 @@ from captures import TINY, capture_argv  # noqa: E402
 SIZES = {k: v for k, v in REAL_SIZES.items() if k != "full"}  # full: about 5 GB per capture
 
 
-def run(checkout: Path, size: str, data: Path, out: Path, steps: str, keys: list[str]) -> float:
-    argv = capture_argv(out, data, steps, *keys, model_overrides=SIZES[size])
+PLAIN = 3  # plain steps after the warm-up, before anything is captured
+
+
+def step_times(checkout: Path, size: str, data: Path, out: Path, k: int, keys: list[str]):
+    """(plain step times, alternating pair costs, in-a-row step times) of one run."""
+    pairs = [1 + PLAIN + 2 * i for i in range(k)]
+    row = [1 + PLAIN + 2 * k + i for i in range(k)]
+    argv = capture_argv(
+        out, data, ",".join(map(str, pairs + row)), *keys, model_overrides=SIZES[size]
+    )
     python = ROOT / ".venvs" / "nest" / "bin" / "python"
-    t0 = time.perf_counter()
-    subprocess.run(
-        [str(python), str(checkout / "scripts/capture_nest.py"), *argv],
+    proc = subprocess.run(
+        [str(python), str(ROOT / "benchmarks/timed_capture.py"), str(checkout), *argv],
         check=True,
         capture_output=True,
+        text=True,
         cwd=checkout,
     )
-    return time.perf_counter() - t0
+    t = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain = t[1 : 1 + PLAIN]
+    return plain, [t[s] + t[s + 1] for s in pairs], [t[s] for s in row]
+
+
+def disk_per_step(run: Path) -> tuple[float, int]:
+    """Distinct bytes over the run's step directories per step, and how many steps."""
+    seen: dict[tuple[int, int], int] = {}
+    steps = sorted(run.glob("step_*"))
+    for f in (f for d in steps for f in d.iterdir() if f.is_file()):
+        st = f.stat()
+        seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values()) / len(steps), len(steps)
 
 
 def _slug(label: str) -> str:
     return label.replace(" ", "_").replace(",", "")
 
 
-def step_bytes(step: Path) -> int:
-    return sum(f.stat().st_size for f in step.iterdir() if f.is_file())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", nargs="+", choices=sorted(SIZES), default=["tiny", "small"])
-    parser.add_argument("--steps", type=int, default=6, help="N: steps trained")
-    parser.add_argument("--runs", type=int, default=3, help="runs per command (the median)")
+    parser.add_argument("--captured", type=int, default=3, help="K (see above)")
+    parser.add_argument("--runs", type=int, default=2, help="processes per checkout and size")
     parser.add_argument(
         "--modes", nargs="+", choices=["full", "fingerprint"], default=["full", "fingerprint"]
     )
@@ -68,32 +89,27 @@ def main() -> int:
     checkouts = {f"this checkout, {m}": (ROOT, [f"capture={m}"]) for m in args.modes}
     if args.baseline:
         checkouts["baseline"] = (Path(args.baseline).resolve(), [])
-    n = args.steps
-    plans = {
-        "all": ",".join(map(str, range(n))),
-        "last": str(n - 1),
-        "first": "0",
-    }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         make_data(TINY["data"], data)
         for size in args.size:
-            times = {label: {k: [] for k in plans} for label in checkouts}
+            times = {label: ([], [], []) for label in checkouts}
             for i in range(args.runs):  # interleaved, so that the machine's drift hits all
-                for plan, steps in plans.items():
-                    for label, (checkout, keys) in checkouts.items():
-                        out = Path(tmp) / f"{size}_{_slug(label)}_{plan}_{i}"
-                        times[label][plan].append(run(checkout, size, data, out, steps, keys))
-            for label in checkouts:
-                med = {k: statistics.median(v) for k, v in times[label].items()}
-                captured = (med["all"] - med["first"]) / (n - 1)
-                plain = (med["last"] - med["first"]) / (n - 1)
-                disk = step_bytes(Path(tmp) / f"{size}_{_slug(label)}_all_0" / "step_1")
+                for label, (checkout, keys) in checkouts.items():
+                    out = Path(tmp) / f"{size}_{_slug(label)}_{i}"
+                    got = step_times(checkout, size, data, out, args.captured, keys)
+                    for into, values in zip(times[label], got, strict=True):
+                        into.extend(values)
+            for label, (plain, pairs, row) in times.items():
+                pla = statistics.median(plain)
+                alternating = statistics.median(pairs) - pla  # the pair over two plain steps
+                in_row = statistics.median(row)
+                disk, n = disk_per_step(Path(tmp) / f"{size}_{_slug(label)}_0")
                 print(
-                    f"{size}, {label}: {n} steps all captured {med['all']:.1f} s, last only "
-                    f"{med['last']:.1f} s, step 0 alone {med['first']:.1f} s (medians of "
-                    f"{args.runs}); per step captured {captured:.2f} s, plain {plain:.2f} s: "
-                    f"overhead {captured / plain:.2f}x; disk per step {disk / 1e6:.0f} MB",
+                    f"{size}, {label}: plain step {pla:.3f} s; a captured step costs "
+                    f"{alternating:.3f} s alternating ({alternating / pla:.2f}x), {in_row:.3f} s "
+                    f"in a row ({in_row / pla:.2f}x) (medians over {args.runs} processes); "
+                    f"disk per step {disk / 1e6:.0f} MB ({n} steps)",
                     flush=True,
                 )
     return 0

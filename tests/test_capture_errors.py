@@ -4,6 +4,7 @@ fails: nothing that looks like a complete step (the issue's capture edge cases).
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 import torch
@@ -63,17 +64,23 @@ def test_every_capture_keeps_its_composed_config(tmp_path, data):
     assert "d_model: 64\n" in text  # model_overrides applied, interpolations resolved
 
 
-def test_a_failed_write_names_the_file_and_leaves_no_step(tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("steps", ["0", "0,1,2"])
+def test_a_failed_write_names_the_file_and_leaves_no_step(tmp_path, data, monkeypatch, steps):
+    """The files are written on the writer thread: its error reaches the run at the next
+    captured step or at the end of training, and no later step is written."""
     real_save = torch.save
+    threads = set()
 
     def full_disk(obj, f, *args, **kwargs):
+        threads.add(threading.current_thread().name)
         if getattr(f, "name", "").split("/")[-1].startswith(f".{art.LAYERS}."):
             raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit) as exc:
-        _main(capture_argv(tmp_path / "run", data, "0"))
+        _main(capture_argv(tmp_path / "run", data, steps))
+    assert threads and all(name.startswith("capture-writer") for name in threads)
     message = str(exc.value)
     assert message.startswith(f"{tmp_path}/run/step_0/{art.LAYERS}: cannot be written ([enforce")
     assert list((tmp_path / "run").iterdir()) == []  # no step, no staging directory

@@ -87,7 +87,7 @@ def test_full_size_gpu_captures_ask_for_more_memory_time_and_a_gpu(work):
         for res in resources_of(out, rule)
     }
     # 17 layers x d 512: about 102 M parameters by the rules' estimate; a run trains 2 steps
-    assert runs == {("25", "6000", "1")}
+    assert runs == {("25", "7000", "1")}
     assert {r["mem_mb"] for r in resources_of(out, "compare")} == {"4500"}
 
 

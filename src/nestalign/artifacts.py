@@ -96,17 +96,6 @@ def to_plain(obj: Any, copy: Callable[[torch.Tensor], torch.Tensor] | None = Non
     return repr(obj)
 
 
-def uncopied(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself (detached) when it is a CPU tensor that owns all of its storage, else a
-    compact CPU copy: for ``to_plain`` of state written before anything can change it (the
-    weights, saved as soon as the step ends)."""
-    t = t.detach()
-    whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    if t.device.type == "cpu" and whole and t.storage_offset() == 0 and t.is_contiguous():
-        return t
-    return t.to("cpu", copy=True).contiguous()
-
-
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,9 @@ class CaptureCallback(pl.Callback):
         self._step: int | None = None
         self._parts: dict[str, Any] = {}
         self._sampler: list[ResumableBatchSampler] = []
-        self._pending: tuple[art.StepWriter, dict[str, Any]] | None = None
+        self._pending: tuple[art.StepWriter, dict[str, Any], Future] | None = None
+        self._commits: list[Future] = []  # each a written step's directory, or its error
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="capture-writer")
         self._initial_writer: art.StepWriter | None = None  # the first step this process wrote
         self._optimizer_steps = 0
         self.written: list[str] = []
@@ -167,79 +170,103 @@ class CaptureCallback(pl.Callback):
         if "loss" not in parts and isinstance(outputs, dict) and "loss" in outputs:
             parts["loss"] = outputs["loss"].detach().to("cpu", copy=True)
         self._finish_pending()
+        self._drain()  # the step before is written while this one trains, no further back
+        state = training_state(trainer, pl_module, parts, self._sampler)
+        loss = parts.get("loss")
+        meta = {
+            **self.metadata,
+            "step": step,
+            "global_step_after": trainer.global_step,
+            "lr": parts.get("lr"),
+            "loss": None if loss is None else _finite_or_str(float(loss)),
+            "forced": step in self.forced,
+            "run": {
+                "resumed_from": self.resumer.step_dir if self.resumer else None,
+                "optimizer_steps": self._optimizer_steps,
+            },
+            "resumable": state["data"] is not None,
+            **environment(),
+        }
+        forward = name_outputs(recorder.root_output(), self.output_names)
+        if all(v is None for v in forward.values()):
+            print(
+                f"warning: step {step}: the forward output is empty ({art.FORWARD} holds "
+                f"{sorted(forward)} = None): the training step did not call the model's "
+                "forward; the layers and gradients are still captured",
+                file=sys.stderr,
+            )
+        files = [
+            (art.BATCH, parts["batch"], False),
+            (art.FORWARD, forward, False),
+            (art.LOSS, loss, False),
+            (art.GRADS, parts.get("grads", {}), False),
+            (art.WEIGHTS, art.to_plain(pl_module.state_dict()), False),
+            (art.LAYERS, recorder.calls, True),
+        ]
+        first = self._initial_writer
+        initial = self._initial or {"weights": {}, "rng": {}}
+        structure = model_structure(pl_module)
         writer = art.StepWriter(self.out_dir, step, self.fingerprint)
-        try:
-            state = training_state(trainer, pl_module, parts, self._sampler)
-            loss = parts.get("loss")
-            meta = {
-                **self.metadata,
-                "step": step,
-                "global_step_after": trainer.global_step,
-                "lr": parts.get("lr"),
-                "loss": None if loss is None else _finite_or_str(float(loss)),
-                "forced": step in self.forced,
-                "run": {
-                    "resumed_from": self.resumer.step_dir if self.resumer else None,
-                    "optimizer_steps": self._optimizer_steps,
-                },
-                "resumable": state["data"] is not None,
-                **environment(),
-            }
+
+        def write() -> None:  # on the writer thread: every value above is a copy of its own
             writer.json(art.METADATA, meta)
-            writer.json(art.STRUCTURE, model_structure(pl_module))
-            writer.tensors(art.BATCH, parts["batch"])
-            forward = name_outputs(recorder.root_output(), self.output_names)
-            if all(v is None for v in forward.values()):
-                print(
-                    f"warning: step {step}: the forward output is empty ({art.FORWARD} holds "
-                    f"{sorted(forward)} = None): the training step did not call the model's "
-                    "forward; the layers and gradients are still captured",
-                    file=sys.stderr,
-                )
-            writer.tensors(art.FORWARD, forward)
+            writer.json(art.STRUCTURE, structure)
             if self.config_yaml is not None:
                 writer.text(art.CONFIG, self.config_yaml)
-            writer.tensors(art.LOSS, loss)
-            writer.tensors(art.GRADS, parts.get("grads", {}))
-            writer.tensors(art.WEIGHTS, art.to_plain(pl_module.state_dict(), art.uncopied))
-            writer.tensors(art.LAYERS, recorder.calls, once=True)
-            if self._initial_writer is None:
-                initial = self._initial or {"weights": {}, "rng": {}}
+            for name, obj, once in files:
+                writer.tensors(name, obj, once=once)
+            if first is None:
                 writer.tensors(art.INITIAL_WEIGHTS, initial["weights"])
                 writer.tensors(art.INITIAL_RNG, initial["rng"])
             else:  # the run's first written step holds them: linked, not written again
-                writer.reuse(art.INITIAL_WEIGHTS, self._initial_writer)
-                writer.reuse(art.INITIAL_RNG, self._initial_writer)
-        except BaseException:
-            writer.abort()
-            raise
+                writer.reuse(art.INITIAL_WEIGHTS, first)
+                writer.reuse(art.INITIAL_RNG, first)
+
+        self._initial_writer = first or writer
         # Committed once the run has gone past what follows the step (see _finish_pending).
-        self._pending = (writer, state)
+        self._pending = (writer, state, self._io.submit(write))
 
     def _finish_pending(self) -> None:
-        """Write the pending step's generator state as of now, and commit the step.
+        """Take the pending step's generator state as of now, and have the step committed.
 
         Called when the loader next asks for data and when training ends: what lies between the
         step and that moment (an epoch's validation) is part of the state a resumed run skips.
+        The files are written on one background thread while training goes on; ``_drain`` waits.
         """
         if self._pending is None:
             return
-        (writer, state), self._pending = self._pending, None
-        try:
-            writer.tensors(art.TRAINING_STATE, {**state, "rng_after": rng_states()})
-            self.written.append(str(writer.commit()))
-            self._initial_writer = self._initial_writer or writer
-        except BaseException:
-            writer.abort()
-            raise
+        (writer, state, written), self._pending = self._pending, None
+        state = {**state, "rng_after": rng_states()}
+
+        def commit() -> str:
+            try:
+                written.result()  # the step's other files (re-raises their error)
+                writer.tensors(art.TRAINING_STATE, state)
+                return str(writer.commit())
+            except BaseException:
+                writer.abort()
+                raise
+
+        self._commits.append(self._io.submit(commit))
+
+    def _drain(self) -> None:
+        """Wait for the steps being written; a failed write is raised here."""
+        commits, self._commits = self._commits, []
+        for job in commits:
+            self.written.append(job.result())
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._pending is not None:
-            self._pending[0].abort()
+            writer, _, written = self._pending
             self._pending = None
+            wait([written])
+            writer.abort()
+        wait(self._commits)  # what was complete stays; a failed one has removed its staging
+        self._commits = []
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finish_pending()
+        self._drain()
         missing = [s for s in self.steps if not any(p.endswith(f"step_{s}") for p in self.written)]
         if missing:
             raise RuntimeError(
