@@ -1,10 +1,11 @@
 """One pass over a pair of float arrays that yields every metric of ``nestalign.metrics``.
 
-The reference ``a`` and candidate ``b`` (same length, both float32 or both float64) are read once,
-in blocks that stay in the CPU cache: a first integer look at each block's exponent bits says
-whether all its elements are finite; a finite block then runs one vectorised loop (reassociated
-float sums, every accumulator at once), a block holding NaN or Inf a scalar loop that counts them
-and masks them out. Compiled by numba on first use and cached beside this module.
+The reference ``a`` and candidate ``b`` (same length, both float32 or both float64) are read in
+blocks that stay in the CPU cache, spread over numba's threads: an integer look at a block's
+exponent bits says whether all its elements are finite; a finite block then fills every
+accumulator in a few vectorised loops over the cached block (reassociated float sums), a block
+holding NaN or Inf goes element by element, counting those and masking them out. Compiled by
+numba on first use and cached beside this module.
 """
 
 from __future__ import annotations
