@@ -116,6 +116,9 @@ def test_a_real_compare_is_the_same_with_and_without_the_index(tmp_path, data, m
         assert indexed["verdict"] == "fail"
         if step == 0:  # before the fault every value is the same: those are not read
             assert read_with_index < 0.6 * len(passes), (read_with_index, len(passes))
+        passes.clear()
+        assert compare_steps(a, a, tols)["verdict"] == "pass"
+        assert passes == []  # a capture against itself: no pair is read
 
 
 def test_a_value_that_occurs_again_is_stored_once(tmp_path):

@@ -30,7 +30,9 @@ def _optimizer_items(state: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], 
                 per_key.setdefault(key, {})[param] = value
     scalars: dict[str, Any] = {}
     for i, lr in enumerate(state.get("lr_applied") or []):
-        scalars[f"lr[{i}]"] = torch.tensor(float(lr), dtype=torch.float64)
+        value = torch.tensor(float(lr), dtype=torch.float64)
+        art.attach_index(value, [art.tensor_fingerprint(value)])  # equal ones are not read
+        scalars[f"lr[{i}]"] = value
     if isinstance(state.get("grad_norm"), torch.Tensor):
         scalars["grad_norm"] = state["grad_norm"]
     return per_key, scalars
