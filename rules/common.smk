@@ -436,7 +436,8 @@ DETERMINISTIC = bool(config.get("deterministic", True))
 # Cluster resources, derived from the model size in the config (`model.encoder.d_model` and
 # `n_layers` from model_overrides over config/nest_fast-conformer.yaml). Measured on the CPU:
 # the full size (d 512, 17 layers, 113 M parameters) needs about 6 GB per capture (5.8 GiB peak:
-# a step is written in the background while the next one is recorded) and 2 minutes for steps 0-1; a run trains from its start (step 0, or the step it resumes after) to its last.
+# a step is written in the background while the next one is recorded) and 2 minutes for steps
+# 0-1; a run trains from its start (step 0, or the step it resumes after) to its last.
 def _encoder_size():
     import yaml
 
