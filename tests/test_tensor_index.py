@@ -60,7 +60,26 @@ def test_the_fingerprint_is_of_the_values_not_their_memory_order():
     assert art.tensor_fingerprint(t.t()) == art.tensor_fingerprint(t.t().contiguous())
     bumped = t.clone()
     bumped[2, 3] = torch.nextafter(bumped[2, 3], torch.tensor(math.inf))
-    assert art.tensor_fingerprint(bumped)["sha256"] != art.tensor_fingerprint(t)["sha256"]
+    assert art.tensor_fingerprint(bumped)[art.HASH] != art.tensor_fingerprint(t)[art.HASH]
+
+
+def test_fingerprints_agree_only_by_one_hash_of_the_same_bytes():
+    t = torch.randn(5)
+    new = art.tensor_fingerprint(t)
+    legacy = {k: v for k, v in new.items() if k != art.HASH} | {"sha256": "0" * 32}
+    assert art.same_bytes(new, art.tensor_fingerprint(t.clone()))
+    assert art.same_bytes(legacy, dict(legacy))  # an older capture against an older one
+    assert not art.same_bytes(new, legacy)  # two hash kinds never vouch for each other
+    hashless = {k: v for k, v in new.items() if k != art.HASH}
+    assert not art.same_bytes(hashless, dict(hashless))
+    assert not art.same_bytes(new, art.tensor_fingerprint(t.double()))
+    assert not art.same_bytes(new, art.tensor_fingerprint(t.view(1, 5)))
+    # a pair whose fingerprints cannot vouch is read, and its difference found
+    a, b = t.clone(), t.clone()
+    b[1] += 1.0
+    setattr(a, art.FINGERPRINT, hashless)
+    setattr(b, art.FINGERPRINT, dict(hashless))
+    assert not compare_tensors(a, b, 1e-5, 1e-5)["ok"]
 
 
 def test_different_bytes_are_read_and_compared():
@@ -78,7 +97,7 @@ def test_an_index_that_does_not_describe_the_file_is_not_used(tmp_path):
     index = art.load_json(step / art.INDEX)
     assert [e["shape"] for e in index["files"][art.GRADS]] == [[3], [2, 2]]
     loaded = StepSource(step).tensors(art.GRADS)
-    assert getattr(loaded["b"], art.FINGERPRINT)["sha256"] == index["files"][art.GRADS][1]["sha256"]
+    assert getattr(loaded["b"], art.FINGERPRINT)[art.HASH] == index["files"][art.GRADS][1][art.HASH]
     index["files"][art.GRADS].pop()
     art.save_json(step / art.INDEX, index)
     loaded = StepSource(step).tensors(art.GRADS)

@@ -1,6 +1,6 @@
 """Compare fingerprint captures (``capture=fingerprint``): verdicts from hashes and statistics.
 
-A fingerprint capture keeps, per tensor, its SHA-256 and ``artifacts.tensor_stats`` (sum, sum of
+A fingerprint capture keeps, per tensor, its hash and ``artifacts.tensor_stats`` (sum, sum of
 magnitudes, L2 norm, minimum, maximum), never its bytes. Two tensors pass elementwise at
 (atol, rtol), ``|c - r| <= atol + rtol * |r|`` everywhere, only if
 
@@ -108,7 +108,7 @@ def judge(
 ) -> tuple[str, str]:
     """(status, reason) of one pair of fingerprints (see the module docstring)."""
     same_layout = r["shape"] == c["shape"]
-    if r["sha256"] == c["sha256"] and r["dtype"] == c["dtype"] and same_layout:
+    if art.same_bytes(r, c):
         return "identical", ""
     if r["dtype"] != c["dtype"]:
         return "fail", f"dtype {r['dtype']} vs {c['dtype']}"
