@@ -48,8 +48,8 @@ WHEEL_LIMIT_MB = 60  # the device tool carries 64 MiB of ignored paths in all
 
 # What the GPU machine's python (3.12, CUDA torch, no network) lacks. NeMo's list is the verified
 # one (../shared/gpu/nemo-wheels-py312.txt); the nest side (lightning, hydra-core, omegaconf,
-# soundfile, numpy, pyyaml) needs nothing beyond it, nor does the compare (numba): numpy, numba
-# and pyyaml are on that machine.
+# soundfile, numpy, pyyaml) needs nothing beyond it, nor do the capture's hash (xxhash) and the
+# compare (numba): numpy, numba, xxhash and pyyaml are on that machine.
 GPU_WHEELS = [
     "nemo_toolkit==3.0.0",
     "lightning==2.4.0",
