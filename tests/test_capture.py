@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -266,3 +267,20 @@ def test_truncated_artifact_is_named_in_the_error(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(art.ArtifactError, match="loss.pt"):
         art.load_tensors(path)
+
+
+def test_the_capture_process_keeps_freed_memory_on_glibc():
+    """capture_main asks glibc's malloc to keep what is freed (runner.keep_freed_memory); each
+    setting must be accepted. Run in a child, so the test process keeps its own allocator."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "from nestalign.runner import keep_freed_memory; print(keep_freed_memory())"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")

@@ -15,6 +15,8 @@ Command line (the one the original NeMo capture tool used):
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import random
@@ -123,6 +125,31 @@ def set_numerics(threads: int, deterministic: bool) -> dict[str, Any]:
     return {"threads": threads, "deterministic": deterministic}
 
 
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit systems
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system
+    (blocks up to 32 MiB come from the heap, which is never trimmed). A captured step copies
+    every tensor it records; on pages the process already holds, those copies run at memory
+    speed instead of waiting on a page fault per 4 KiB. Numbers are unchanged; the process's
+    resident memory stays at its peak. Returns whether it applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
+            (M_TRIM_THRESHOLD, 2**31 - 1),
+            (M_TOP_PAD, 64 << 20),
+        )
+    )
+
+
 def config_sha256(cfg: DictConfig) -> str:
     text = OmegaConf.to_yaml(cfg.model, resolve=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -219,6 +246,7 @@ def capture_main(
     seed = int(cfg.get("seed", 42))
     deterministic = bool(cfg.get("deterministic", True))
     numerics = set_numerics(int(cfg.get("threads", 2)), deterministic)
+    keep_freed_memory()
     check_manifests(cfg.model)
 
     import lightning.pytorch as pl
