@@ -11,11 +11,11 @@ A step directory holds (see docs/artifacts.md for the full format):
 
 Every ``.pt`` file holds plain containers (dict, list, str, numbers, None) and tensors only, so it
 loads with ``torch.load(path, weights_only=True)``. ``tensor_index.json`` holds, per ``.pt`` file,
-a fingerprint of each tensor in the order ``walk_tensors`` visits them (dtype, shape, 128-bit xxh3
-hash of its bytes, largest finite magnitude, NaN and Inf counts): a compare skips the bytes of tensors
-whose fingerprints agree (``attach_index``, compare.reader.StepSource). It also holds each
-file's skeleton (``skeleton_of``) and where each tensor's bytes lie in it (nestalign.flat), so a
-compare maps the file instead of unpickling it. A fingerprint capture
+a fingerprint of each tensor in the order ``walk_tensors`` visits them (dtype, shape, 128-bit
+xxh3 hash of its bytes, largest finite magnitude, NaN and Inf counts): a compare skips the bytes
+of tensors whose fingerprints agree (``attach_index``, compare.reader.StepSource). It also holds
+each file's skeleton (``skeleton_of``) and where each tensor's bytes lie in it (nestalign.flat),
+so a compare maps the file instead of unpickling it. A fingerprint capture
 (``StepWriter(fingerprint=True)``) writes no ``.pt`` file: its index adds each tensor's
 ``tensor_stats``, read by nestalign.fingerprints.
 """

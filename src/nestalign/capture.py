@@ -44,7 +44,7 @@ def _leaves(obj: Any) -> list[Any]:
     return []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(fn: Callable) -> inspect.Signature:
     return inspect.signature(fn)
 
