@@ -284,3 +284,16 @@ def test_the_capture_process_keeps_freed_memory_on_glibc():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_arguments_are_named_for_callables_that_cannot_be_hashed():
+    from nestalign.capture import _bind
+
+    class Forward:
+        __hash__ = None  # an __eq__ without __hash__ makes a class unhashable
+
+        def __call__(self, audio, length=None):
+            return audio
+
+    assert _bind(Forward(), (1,), {"length": 2}) == {"audio": 1, "length": 2}
+    assert _bind(torch.nn.Linear(2, 2).forward, (3,), {}) == {"input": 3}

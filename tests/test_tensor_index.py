@@ -178,3 +178,12 @@ def test_a_differing_pair_with_fingerprints_gives_what_reading_it_gives(name):
     read = compare_tensors(t, other, 1e-5, 1e-5)
     indexed = compare_tensors(_with_fingerprint(t), _with_fingerprint(other), 1e-5, 1e-5)
     assert indexed == read
+
+
+def test_the_divergence_walk_traces_a_hashless_fingerprint_by_its_values():
+    from nestalign.compare.divergence import fingerprint
+
+    a, b = torch.zeros(4), torch.ones(4)
+    for t in (a, b):
+        setattr(t, art.FINGERPRINT, {"dtype": "float32", "shape": [4]})  # no hash of either kind
+    assert fingerprint(a) != fingerprint(b)

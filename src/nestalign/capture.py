@@ -45,8 +45,9 @@ def _leaves(obj: Any) -> list[Any]:
 
 
 @functools.cache
-def _signature(fn: Callable) -> inspect.Signature:
-    return inspect.signature(fn)
+def _signature(func: Callable) -> inspect.Signature:
+    """A plain function's signature (functions hash by identity)."""
+    return inspect.signature(func)
 
 
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -57,8 +58,8 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
         if func is not None:  # bound: the function's signature, with self bound too
             bound = _signature(func).bind(fn.__self__, *args, **kwargs)
             bound.arguments.pop(next(iter(bound.arguments)))
-        else:
-            bound = _signature(fn).bind(*args, **kwargs)
+        else:  # any callable (not always hashable): inspected each time
+            bound = inspect.signature(fn).bind(*args, **kwargs)
         return dict(bound.arguments)
     except (TypeError, ValueError):
         named = {f"arg{i}": a for i, a in enumerate(args)}

@@ -45,9 +45,9 @@ def fingerprint(t: Any) -> tuple | None:
     """Identity of a tensor's value, cheap to compare: shape, dtype, sum, sampled elements."""
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return None
-    known = getattr(t, FINGERPRINT, None)
+    known = digest(getattr(t, FINGERPRINT, None))
     if known is not None:  # the capture's hash: exact, and the tensor is not read
-        return (tuple(t.shape), str(t.dtype), digest(known))
+        return (tuple(t.shape), str(t.dtype), known)
     flat = t.reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, 16).long()
     total = flat.sum(dtype=torch.float64) if not t.is_complex() else flat.abs().sum()
