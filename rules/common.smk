@@ -56,6 +56,7 @@ CAPTURE_LIBRARY = [
         "resume",
         "runner",
         "state",
+        "tensor_scan",
     )
 ]
 COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.py")) + [
@@ -68,6 +69,7 @@ COMPARE_LIBRARY = sorted(str(p) for p in Path("src/nestalign/compare").glob("*.p
         "fused",
         "metrics",
         "namemap",
+        "tensor_scan",
     )
 ]
 FINGERPRINT_LIBRARY = COMPARE_LIBRARY + ["src/nestalign/fingerprints.py"]

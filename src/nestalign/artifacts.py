@@ -23,6 +23,7 @@ so a compare maps the file instead of unpickling it. A fingerprint capture
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -201,21 +202,40 @@ def same_bytes(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     )
 
 
+@functools.cache
+def _scanner() -> Callable | None:
+    """``nestalign.tensor_scan.scan`` where numba is installed (imported on first use: a
+    compare that reads no fingerprint-less tensor never pays for numba), else None."""
+    try:
+        from nestalign.tensor_scan import scan
+    except ImportError:
+        return None
+    return scan
+
+
 def tensor_fingerprint(t: torch.Tensor, stats: bool = False) -> dict[str, Any]:
     """dtype, shape, the 128-bit xxh3 hash of the contiguous bytes (hex), ``scale`` (the largest
     finite magnitude as the compare's metrics define it) and the NaN and Inf counts; ``stats``:
-    with ``tensor_stats`` as ``stats`` (one min/max pass serves both)."""
+    with ``tensor_stats`` as ``stats``. float32 and float64 tensors take these numbers from one
+    compiled pass (``nestalign.tensor_scan``) where numba is installed; other dtypes, and every
+    dtype without numba, from torch (one min/max pass serves the scale and the statistics)."""
     t = t.detach()
-    flat = t.reshape(-1)
+    flat = t.reshape(-1).contiguous()
     raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
     entry: dict[str, Any] = {
         "dtype": str(t.dtype).removeprefix("torch."),
         "shape": list(t.shape),
-        HASH: xxhash.xxh3_128_hexdigest(memoryview(raw.contiguous().numpy())),
+        HASH: xxhash.xxh3_128_hexdigest(memoryview(raw.numpy())),
         "scale": None,
         "nan": 0,
         "inf": 0,
     }
+    scan = _scanner() if t.dtype in (torch.float32, torch.float64) and flat.numel() else None
+    if scan is not None:
+        entry["scale"], entry["nan"], entry["inf"], numbers = scan(flat.numpy())
+        if stats:
+            entry["stats"] = numbers
+        return entry
     bounds = None
     if t.dtype == torch.bool:
         entry["scale"] = float(flat.numel() > 0)
@@ -232,8 +252,9 @@ def tensor_fingerprint(t: torch.Tensor, stats: bool = False) -> dict[str, Any]:
 
 def tensor_stats(t: torch.Tensor, bounds: tuple | None = None) -> dict[str, float] | None:
     """Sum, sum of magnitudes, L2 norm, minimum and maximum (float64) of a real tensor whose
-    elements are all finite; None otherwise (complex, empty, or NaN/Inf present). Each is within
-    known bounds of the other side's when two tensors agree elementwise (nestalign.fingerprints).
+    elements and sums are all finite; None otherwise (complex, empty, NaN/Inf present, or a
+    float64 tensor whose squares overflow). Each is within known bounds of the other side's when
+    two tensors agree elementwise (nestalign.fingerprints).
     ``bounds``: the tensor's ``torch.aminmax``, taken already.
     """
     if t.is_complex() or t.numel() == 0:
@@ -250,6 +271,8 @@ def tensor_stats(t: torch.Tensor, bounds: tuple | None = None) -> dict[str, floa
         total += float(c.sum())
         squares += float(torch.dot(c, c))
         magnitudes += float(c.abs_().sum())
+    if not (math.isfinite(magnitudes) and math.isfinite(squares)):  # float64 near its range
+        return None
     return {
         "sum": total,
         "abs_sum": magnitudes,
