@@ -14,8 +14,8 @@ background thread while training goes on, so a captured step's cost is what the 
 two plain steps ("alternating"), and in a row a step's whole time ("in a row"); each against the
 plain step gives the capture overhead. Medians over all runs; the disk per captured step counts
 distinct files (a hard link once). ``--baseline`` runs another checkout's library on the same
-data, e.g. a ``git worktree`` of an earlier commit (in full mode); ``--modes`` measures this
-checkout's capture modes side by side.
+data, e.g. a ``git worktree`` of an earlier commit, in each of ``--modes`` (this checkout's
+capture modes, side by side).
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def main() -> int:
     from nestalign.dummy_data import make_data
 
     checkouts = {f"this checkout, {m}": (ROOT, [f"capture={m}"]) for m in args.modes}
-    if args.baseline:
-        checkouts["baseline"] = (Path(args.baseline).resolve(), [])
+    if args.baseline:  # in the same modes
+        for m in args.modes:
+            checkouts[f"baseline, {m}"] = (Path(args.baseline).resolve(), [f"capture={m}"])
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         make_data(TINY["data"], data)
