@@ -242,6 +242,17 @@ def test_weights_are_taken_after_the_optimizer_step(tmp_path):
         assert torch.allclose(weights[name], initial[name] - 0.1 * grad)
 
 
+def test_the_training_state_holds_the_norm_of_the_steps_gradients(tmp_path):
+    """grad_norm is taken on the writer thread, from the copies the step's gradients file holds."""
+    fit(tmp_path, steps=[0, 1], max_steps=2)
+    for step in (0, 1):
+        grads = art.load_tensors(tmp_path / f"step_{step}" / art.GRADS)
+        state = art.load_tensors(tmp_path / f"step_{step}" / art.TRAINING_STATE)
+        want = torch.cat([g.double().reshape(-1) for g in grads.values()]).norm()
+        assert state["grad_norm"].dtype == torch.float64
+        assert torch.allclose(state["grad_norm"], want, rtol=1e-12), step
+
+
 def test_a_step_beyond_training_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"before capturing steps \[5\]"):
         fit(tmp_path, steps=[5], max_steps=2)

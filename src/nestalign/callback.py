@@ -94,7 +94,8 @@ class CaptureCallback(pl.Callback):
         self._step: int | None = None
         self._parts: dict[str, Any] = {}
         self._sampler: list[ResumableBatchSampler] = []
-        self._pending: tuple[art.StepWriter, dict[str, Any], Future] | None = None
+        # (writer, training state, gradient copies, the write of the other files)
+        self._pending: tuple[art.StepWriter, dict[str, Any], dict, Future] | None = None
         self._commits: list[Future] = []  # each a written step's directory, or its error
         self._io = ThreadPoolExecutor(1, thread_name_prefix="capture-writer")
         self._initial_writer: art.StepWriter | None = None  # the first step this process wrote
@@ -224,7 +225,7 @@ class CaptureCallback(pl.Callback):
 
         self._initial_writer = first or writer
         # Committed once the run has gone past what follows the step (see _finish_pending).
-        self._pending = (writer, state, self._io.submit(write))
+        self._pending = (writer, state, parts.get("grads", {}), self._io.submit(write))
 
     def _finish_pending(self) -> None:
         """Take the pending step's generator state as of now, and have the step committed.
@@ -235,12 +236,13 @@ class CaptureCallback(pl.Callback):
         """
         if self._pending is None:
             return
-        (writer, state, written), self._pending = self._pending, None
+        (writer, state, grads, written), self._pending = self._pending, None
         state = {**state, "rng_after": rng_states()}
 
         def commit() -> str:
             try:
                 written.result()  # the step's other files (re-raises their error)
+                state["grad_norm"] = grad_norm(grads)  # from the copies: off the training thread
                 writer.tensors(art.TRAINING_STATE, state)
                 return str(writer.commit())
             except BaseException:
@@ -257,7 +259,7 @@ class CaptureCallback(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._pending is not None:
-            writer, _, written = self._pending
+            writer, _, _, written = self._pending
             self._pending = None
             wait([written])
             writer.abort()
@@ -279,12 +281,10 @@ def training_state(
     trainer, pl_module, parts: dict[str, Any], sampler: list[ResumableBatchSampler]
 ) -> dict[str, Any]:
     """Optimizer, schedulers, counters and data position after the step (TRAINING_STATE)."""
-    grads = parts.get("grads", {})
-    norms = [g.double().norm() for g in grads.values() if g.is_floating_point()]
     return {
         "optimizer": named_optimizer_state(trainer.optimizers[0], pl_module),
         "lr_applied": parts.get("lr"),
-        "grad_norm": torch.stack(norms).norm() if norms else None,
+        "grad_norm": None,  # grad_norm(parts["grads"]), taken on the writer thread
         "schedulers": [
             art.to_plain(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs
         ],
@@ -292,6 +292,12 @@ def training_state(
         "data": data_position(sampler[0] if sampler else None, trainer),
         "rng_before": parts.get("rng_before"),
     }
+
+
+def grad_norm(grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The L2 norm (float64) of all floating-point gradients; None when there are none."""
+    norms = [g.double().norm() for g in grads.values() if g.is_floating_point()]
+    return torch.stack(norms).norm() if norms else None
 
 
 def _forced_steps(force_from: str | None, steps: list[int]) -> dict[int, str]:
