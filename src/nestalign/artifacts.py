@@ -212,6 +212,16 @@ def _scanner() -> Callable | None:
     return scan
 
 
+def load_scanner() -> None:
+    """Import the scan and load (or compile) its code now, before training: on the writer
+    thread, numba's import and loading would hold up the first captured step (about 0.5 s)."""
+    scan = _scanner()
+    if scan is not None:
+        for dtype in (torch.float32, torch.float64):
+            scan(torch.tensor([0.0, math.nan], dtype=dtype).numpy())  # both of its loops
+            scan(torch.tensor([0.0, 1.0], dtype=dtype).numpy())
+
+
 def tensor_fingerprint(t: torch.Tensor, stats: bool = False) -> dict[str, Any]:
     """dtype, shape, the 128-bit xxh3 hash of the contiguous bytes (hex), ``scale`` (the largest
     finite magnitude as the compare's metrics define it) and the NaN and Inf counts; ``stats``:

@@ -103,6 +103,7 @@ class CaptureCallback(pl.Callback):
         self.written: list[str] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        art.load_scanner()  # the fingerprints' compiled code, before any step is timed
         # Stop after the last captured step. Set here, once the schedulers exist: they are built
         # from the config's run length, which must not depend on the steps captured.
         loop = trainer.fit_loop.epoch_loop
