@@ -15,7 +15,9 @@ two plain steps ("alternating"), and in a row a step's whole time ("in a row"); 
 plain step gives the capture overhead. Medians over all runs; the disk per captured step counts
 distinct files (a hard link once). ``--baseline`` runs another checkout's library on the same
 data, e.g. a ``git worktree`` of an earlier commit, in each of ``--modes`` (this checkout's
-capture modes, side by side).
+capture modes, side by side). Last, per size, the fingerprints a fingerprint capture computes,
+over the tensors of this checkout's last full step, with the compiled scan
+(nestalign.tensor_scan) and with torch alone, side by side in this process.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +116,40 @@ def main() -> int:
                     f"disk per step {disk / 1e6:.0f} MB ({n} steps)",
                     flush=True,
                 )
+            full = Path(tmp) / f"{size}_{_slug('this checkout, full')}_0"
+            if full.is_dir():
+                print(f"{size}, {fingerprint_ways(sorted(full.glob('step_*'))[-1])}", flush=True)
     return 0
+
+
+def fingerprint_ways(step: Path) -> str:
+    """What a fingerprint capture's writer computes for one step (every tensor's fingerprint and
+    statistics, ``index_of(stats=True)``), with the compiled scan and with torch alone (as
+    without numba), best of 3 each, in this process (one torch thread)."""
+    import torch
+
+    from nestalign import artifacts as art
+
+    torch.set_num_threads(1)
+    loaded = [art.load_tensors(step / name) for name in art.TENSOR_FILES]
+    scanner = art._scanner
+    best = {}
+    for way, scan in (("scan", scanner), ("torch", lambda: None)):
+        art._scanner = scan
+        art.index_of(loaded[0], stats=True)  # the scan's compiled code loaded once
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            count = sum(len(art.index_of(obj, stats=True)) for obj in loaded)
+            times.append(time.perf_counter() - t0)
+        best[way] = min(times)
+    art._scanner = scanner
+    size = sum((step / name).stat().st_size for name in art.TENSOR_FILES)
+    return (
+        f"fingerprints with statistics of one step's {count} tensors ({size / 1e6:.0f} MB): "
+        f"{best['scan']:.3f} s with the scan, {best['torch']:.3f} s with torch "
+        f"({best['torch'] / best['scan']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":
