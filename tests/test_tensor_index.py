@@ -63,6 +63,12 @@ def test_the_fingerprint_is_of_the_values_not_their_memory_order():
     assert art.tensor_fingerprint(bumped)[art.HASH] != art.tensor_fingerprint(t)[art.HASH]
 
 
+def test_a_lazily_conjugated_or_negated_tensor_is_fingerprinted_by_its_values():
+    z = torch.randn(5, dtype=torch.complex64)
+    for lazy in (z.conj(), torch._neg_view(z)):  # a flag on the tensor, not new bytes
+        assert art.tensor_fingerprint(lazy) == art.tensor_fingerprint(lazy.clone())
+
+
 def test_fingerprints_agree_only_by_one_hash_of_the_same_bytes():
     t = torch.randn(5)
     new = art.tensor_fingerprint(t)

@@ -228,7 +228,7 @@ def tensor_fingerprint(t: torch.Tensor, stats: bool = False) -> dict[str, Any]:
     with ``tensor_stats`` as ``stats``. float32 and float64 tensors take these numbers from one
     compiled pass (``nestalign.tensor_scan``) where numba is installed; other dtypes, and every
     dtype without numba, from torch (one min/max pass serves the scale and the statistics)."""
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()
     flat = t.reshape(-1).contiguous()
     raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
     entry: dict[str, Any] = {
